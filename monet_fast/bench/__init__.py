@@ -1,0 +1,38 @@
+"""Benchmarks runnable from the CLI (`monet-fast bench NAME`) and from pytest-benchmark.
+
+Each benchmark module exposes `run(quick: bool) -> BenchReport`; the pytest suites under
+`benchmarks/` import the same case factories, so both measure the same code. Results are
+always ratios against the strongest baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from monet_fast.bench.common import BenchReport, format_report, time_fn, write_json
+
+# name -> "module:function"; a module is imported only when its benchmark runs.
+REGISTRY: dict[str, str] = {}
+
+
+def register(name: str, target: str) -> None:
+    REGISTRY[name] = target
+
+
+def run_benchmark(name: str, quick: bool = False) -> BenchReport:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown benchmark {name!r}; available: {sorted(REGISTRY)}")
+    module_name, func_name = REGISTRY[name].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return func(quick=quick)
+
+
+__all__ = [
+    "BenchReport",
+    "REGISTRY",
+    "format_report",
+    "register",
+    "run_benchmark",
+    "time_fn",
+    "write_json",
+]

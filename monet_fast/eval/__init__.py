@@ -1,0 +1,1 @@
+"""monet_fast.eval."""
