@@ -1,0 +1,431 @@
+"""Batched one-pass latent forward for stages 1-3 (and for scoring given latents in VLPO).
+
+The reference computes latents per sample and per latent step in Python, then runs a second
+full forward for the losses. Here the whole batch goes through the stock Qwen2.5-VL language
+model segment by segment over one KV cache:
+
+    text segment (one call) -> K latent steps (one call each) -> next text segment -> ...
+
+Latent slot k's input embedding is the final post-RMSNorm hidden state at the position before
+it (REFERENCE.md §7.1), fed back unchanged. Samples have their latent blocks at different
+positions, so the batch is first re-laid out: the i-th latent block of every sample is put in
+the same columns by inserting padding columns inside the rows (padding keys are masked for
+every query; positions are explicit mRoPE ids, so gaps do not shift anything). Losses are then
+read off the same graph: no second forward.
+
+Gradients: backprop runs through the whole graph, including the latent chain (latent k+1
+depends on latent k through its input). This equals the reference's two-pass gradient without
+its `latent_embed.detach()` on pass-1 inputs; `monet_fast.model.latent_reference` implements
+both and the tests check ours against it. Stage 2's alignment reaches the parameters only through
+the latent vectors, as in the reference (see `losses.latent_proxy_loss`).
+
+Mask: the stage-2 mask is honoured in every segment, including while latents are computed. The
+reference computes latents with plain causal attention (latents see every aux image, image pads
+see each other) and applies the mask only in its second pass; `mask_mode="reference"` of the
+two-pass implementation reproduces that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from monet_fast.model import sequence as seq
+from monet_fast.model.losses import (
+    LatentGate,
+    LossConfig,
+    alignment_per_sample,
+    latent_proxy_loss,
+    weighted_ce_sum,
+)
+
+
+@dataclass
+class LatentForwardOutput:
+    """What one latent forward produced.
+
+    latents: per sample, [n_slots, hidden] — the vector fed into each latent slot, slot order.
+    loss: backward() of it gives the stage's gradient; its value is ce_loss + align_weight·align_loss.
+    ce_sum / ce_weight and align_sum / align_count: un-normalised pieces for gradient accumulation.
+    n_target_tokens: number of tokens that carry CE loss.
+    obs_states / slot_states: per sample [n_layers+1, n, hidden] all-layer states at observation
+    positions / latent slots, when requested (teacher targets for stages 2 and 3).
+    """
+
+    latents: list[torch.Tensor]
+    loss: torch.Tensor
+    ce_loss: torch.Tensor
+    align_loss: torch.Tensor | None
+    ce_sum: torch.Tensor
+    ce_weight: torch.Tensor
+    align_sum: torch.Tensor
+    align_count: int
+    n_target_tokens: int
+    obs_states: list[torch.Tensor] | None = None
+    slot_states: list[torch.Tensor] | None = None
+    logits: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+
+def embed_inputs(model, batch: dict) -> torch.Tensor:
+    """Token embeddings with image features scattered into the image-pad rows, [B, L, H]."""
+    inner = model.model
+    ids = batch["input_ids"].to(model.device)
+    embeds = inner.get_input_embeddings()(ids)
+    if batch.get("pixel_values") is not None:
+        feats = inner.get_image_features(
+            batch["pixel_values"].to(model.device, model.dtype),
+            batch["image_grid_thw"].to(model.device),
+            return_dict=True,
+        ).pooler_output
+        feats = torch.cat(list(feats), dim=0).to(embeds.dtype)
+        image_mask = ids == model.config.image_token_id
+        if int(image_mask.sum()) != feats.shape[0]:
+            raise ValueError(
+                f"batch has {int(image_mask.sum())} image tokens but the images give "
+                f"{feats.shape[0]} features"
+            )
+        embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), feats)
+    return embeds
+
+
+def _check_blocks(batch: dict, latent_size: int) -> None:
+    for b, lay in enumerate(batch["layouts"]):
+        for blk in lay.latent_blocks:
+            n = blk.slots[1] - blk.slots[0]
+            if n != latent_size:
+                raise ValueError(
+                    f"sample {batch['keys'][b]}: a latent block has {n} slots, expected "
+                    f"latent_size={latent_size}"
+                )
+
+
+@dataclass
+class AlignedLayout:
+    """The batch re-laid out so that latent block i of every sample sits in the same columns.
+
+    col[b]: LongTensor mapping each original position of sample b to its new column (-1 for
+    original padding). chunks: ("text", c0, c1) or ("slot", c, block index).
+    """
+
+    length: int
+    col: list[torch.Tensor]
+    valid: torch.Tensor  # [B, L'] bool
+    chunks: list[tuple]
+    slot_cols: list[int]
+
+
+def align_layout(layouts: list[seq.SequenceLayout]) -> AlignedLayout:
+    pieces = []  # per sample: list of (text range, slot range) per block + tail
+    n_blocks = max((len(lay.latent_blocks) for lay in layouts), default=0)
+    for lay in layouts:
+        lo, hi = lay.valid
+        segs, cur = [], lo
+        for blk in lay.latent_blocks:
+            segs.append(((cur, blk.slots[0]), blk.slots))
+            cur = blk.slots[1]
+        segs.append(((cur, hi), None))
+        pieces.append(segs)
+    widths, slot_counts = [], []
+    for i in range(n_blocks + 1):
+        w = 0
+        for segs in pieces:
+            if i < len(segs):
+                w = max(w, segs[i][0][1] - segs[i][0][0])
+        widths.append(w)
+        if i < n_blocks:
+            slot_counts.append(
+                max(
+                    (s[i][1][1] - s[i][1][0] for s in pieces if i < len(s) and s[i][1]),
+                    default=0,
+                )
+            )
+    total = sum(widths) + sum(slot_counts)
+    bsz = len(layouts)
+    valid = torch.zeros(bsz, total, dtype=torch.bool)
+    cols = [torch.full((lay.length,), -1, dtype=torch.long) for lay in layouts]
+    chunks, slot_cols, c = [], [], 0
+    for i in range(n_blocks + 1):
+        w = widths[i]
+        if w:
+            chunks.append(("text", c, c + w))
+        for b, segs in enumerate(pieces):
+            if i >= len(segs):
+                continue
+            (t0, t1), _ = segs[i]
+            # Right-align text so its last token sits right before the slot columns: the first
+            # latent reads the hidden state of the column just before it.
+            start = c + w - (t1 - t0)
+            cols[b][t0:t1] = torch.arange(start, start + t1 - t0)
+            valid[b, start : start + t1 - t0] = True
+        c += w
+        if i < n_blocks:
+            for k in range(slot_counts[i]):
+                chunks.append(("slot", c + k, i))
+                slot_cols.append(c + k)
+            for b, segs in enumerate(pieces):
+                if i < len(segs) and segs[i][1] is not None:
+                    a0, a1 = segs[i][1]
+                    cols[b][a0:a1] = torch.arange(c, c + a1 - a0)
+                    valid[b, c : c + a1 - a0] = True
+            c += slot_counts[i]
+    return AlignedLayout(length=total, col=cols, valid=valid, chunks=chunks, slot_cols=slot_cols)
+
+
+def _remap_rows(masked_rows: torch.Tensor, aligned: AlignedLayout) -> torch.Tensor:
+    """Masked row intervals in the new columns; padding columns hidden from every row."""
+    bsz = masked_rows.shape[0]
+    new_len = aligned.length
+    out = torch.zeros(bsz, new_len, 4, dtype=torch.int32)
+    out[:, :, 1] = torch.where(aligned.valid, 0, new_len).to(torch.int32)
+    for b in range(bsz):
+        col = aligned.col[b]
+        # A row boundary r maps to the column of original row r (or the end).
+        bound = torch.cat([col, torch.tensor([new_len])])
+        valid_pos = (col >= 0).nonzero().flatten()
+        for p in valid_pos.tolist():
+            r = masked_rows[b, p].long()
+            if r[1] <= r[0] and r[3] <= r[2]:
+                continue
+            r = r.clamp(max=len(col))
+            out[b, col[p]] = bound[r].to(torch.int32)
+    return out
+
+
+def _dense_float_mask(
+    masked_rows: torch.Tensor | None, valid: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """[B, 1, L, L] additive mask (0 keep, finfo.min masked) for SDPA/eager attention."""
+    length = valid.shape[1]
+    allowed = seq.allowed_mask(masked_rows, length, valid.long())
+    # A padding query with no visible key would give NaN in SDPA; let it see itself (its
+    # output is never read).
+    eye = torch.eye(length, dtype=torch.bool).view(1, 1, length, length)
+    allowed = allowed | (eye & ~valid.view(-1, 1, length, 1))
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def _scatter_rows(
+    values: torch.Tensor, aligned: AlignedLayout, fill: float | int = 0
+) -> torch.Tensor:
+    """Move [B, L, ...] values from original positions to the new columns."""
+    out = values.new_full((values.shape[0], aligned.length, *values.shape[2:]), fill)
+    for b, col in enumerate(aligned.col):
+        keep = col >= 0
+        out[b, col[keep]] = values[b, keep.to(values.device)]
+    return out
+
+
+def latent_forward(
+    model,
+    batch: dict,
+    stage: str | None = None,
+    teacher: list[torch.Tensor] | None = None,
+    *,
+    loss_config: LossConfig | None = None,
+    latents: list[torch.Tensor] | None = None,
+    return_states: bool = False,
+    return_logits: bool = False,
+) -> LatentForwardOutput:
+    """Run a collated batch through the model with latent feedback and compute the stage losses.
+
+    batch: from `monet_fast.data.collate` (right padding). stage: defaults to batch["stage"].
+    teacher: stage 2 — per sample [n_layers+1, n_obs, hidden] teacher states at observation
+      positions; stage 3 — per sample [n_layers+1, n_slots, hidden] stage-2 latent trajectories.
+      Without it the alignment term is skipped.
+    latents: optional per-sample [n_slots, hidden] vectors to feed instead of the fed-back
+      hidden states (replaying rollouts, interventions).
+    return_states: also return all-layer states at observation positions and latent slots.
+    """
+    stage = stage or batch["stage"]
+    seq.check_stage(stage)
+    cfg = loss_config or LossConfig()
+    device = model.device
+    layouts = batch["layouts"]
+    bsz = len(layouts)
+    _check_blocks(batch, batch["latent_size"])
+    if teacher is not None and len(teacher) != bsz:
+        raise ValueError(f"teacher has {len(teacher)} entries for a batch of {bsz} samples")
+
+    aligned = align_layout(layouts)
+    embeds = _scatter_rows(embed_inputs(model, batch), aligned)
+    positions = torch.stack(
+        [_scatter_rows(batch["position_ids"][a], aligned) for a in range(3)]
+    ).to(device)
+    mrows = batch.get("masked_rows") if stage == "stage2" else None
+    if mrows is not None:
+        mrows = _remap_rows(mrows, aligned)
+    mask = _dense_float_mask(mrows, aligned.valid, embeds.dtype).to(device)
+
+    # Which new columns need all-layer states: observation positions (stage-2 alignment and
+    # teacher targets) and latent slots (stage-3 alignment and targets).
+    want_obs = return_states or (stage == "stage2" and teacher is not None)
+    want_slots = return_states or (stage == "stage3" and teacher is not None)
+    state_cols: set[int] = set()
+    for b, lay in enumerate(layouts):
+        if want_obs:
+            state_cols.update(aligned.col[b][lay.observation_positions].tolist())
+        if want_slots:
+            state_cols.update(aligned.col[b][lay.slot_positions].tolist())
+    state_index = {c: i for i, c in enumerate(sorted(state_cols))}
+    state_chunks: list[tuple[torch.Tensor, ...]] = []
+
+    lm = model.model.language_model
+    cache = DynamicCache(config=lm.config)
+    gate_state = {"closed": False}
+    step_inputs: list[torch.Tensor] = []  # gated latent inputs, one [B, H] per slot step
+    slot_rows: list[torch.Tensor] = []  # which samples have a real slot at that step
+    hidden_chunks: list[torch.Tensor] = []
+    last = None
+    override = None
+    if latents is not None:
+        if len(latents) != bsz:
+            raise ValueError(f"latents has {len(latents)} entries for a batch of {bsz} samples")
+        override = embeds.new_zeros(embeds.shape)
+        for b, lay in enumerate(layouts):
+            n = len(lay.slot_positions)
+            if tuple(latents[b].shape) != (n, embeds.shape[-1]):
+                raise ValueError(
+                    f"sample {batch['keys'][b]}: latents must be [{n}, {embeds.shape[-1]}], "
+                    f"got {tuple(latents[b].shape)}"
+                )
+            override[b, aligned.col[b][lay.slot_positions].to(device)] = latents[b].to(
+                device, embeds.dtype
+            )
+    for chunk in aligned.chunks:
+        if chunk[0] == "text":
+            c0, c1 = chunk[1], chunk[2]
+            x = embeds[:, c0:c1]
+        else:
+            c0 = chunk[1]
+            c1 = c0 + 1
+            has = aligned.valid[:, c0].to(device)
+            fed = last[:, -1] if override is None else override[:, c0]
+            fed = LatentGate.apply(fed, gate_state)
+            step_inputs.append(fed)
+            slot_rows.append(has)
+            x = torch.where(has.view(-1, 1), fed, embeds[:, c0]).unsqueeze(1)
+        need = [c for c in range(c0, c1) if c in state_index]
+        out = lm(
+            inputs_embeds=x,
+            position_ids=positions[:, :, c0:c1],
+            attention_mask=mask[:, :, c0:c1, :c1],
+            cache=cache,
+            use_cache=True,
+            output_hidden_states=bool(need),
+        )
+        last = out.last_hidden_state
+        hidden_chunks.append(last)
+        if need:
+            local = torch.tensor([c - c0 for c in need], device=device)
+            state_chunks.append(tuple(h.index_select(1, local) for h in out.hidden_states))
+
+    hidden = torch.cat(hidden_chunks, dim=1)  # [B, L', H], post-norm
+
+    # Latents per sample, in slot order.
+    fed_cols = {c: i for i, c in enumerate(aligned.slot_cols)}
+    per_sample_latents = []
+    for b, lay in enumerate(layouts):
+        cols = aligned.col[b][lay.slot_positions].tolist()
+        per_sample_latents.append(
+            torch.stack([step_inputs[fed_cols[c]][b] for c in cols])
+            if cols
+            else embeds.new_zeros(0, embeds.shape[-1])
+        )
+
+    # CE: the logit at original position t-1 predicts labels[t].
+    labels = batch["labels"]
+    obs_mask = batch["observation_mask"]
+    obs_w = cfg.obs_weight_for(stage)
+    rows_b, rows_c, targets, weights = [], [], [], []
+    for b in range(bsz):
+        t = (labels[b] != seq.IGNORE_INDEX).nonzero().flatten()
+        t = t[t > 0]
+        rows_b.append(torch.full_like(t, b))
+        rows_c.append(aligned.col[b][t - 1])
+        targets.append(labels[b, t])
+        weights.append(torch.where(obs_mask[b, t], obs_w, 1.0))
+    rows_b, rows_c = torch.cat(rows_b).to(device), torch.cat(rows_c).to(device)
+    logits_rows = model.lm_head(hidden[rows_b, rows_c])
+    ce_sum, ce_weight = weighted_ce_sum(
+        logits_rows, torch.cat(targets).to(device), torch.cat(weights).to(device)
+    )
+    ce_loss = ce_sum / ce_weight.clamp_min(1.0)
+
+    # All-layer states per sample at the requested positions.
+    def gather_states(positions_of) -> list[torch.Tensor]:
+        if not state_chunks:
+            return [None] * bsz
+        layers = [
+            torch.cat([ch[i] for ch in state_chunks], dim=1) for i in range(len(state_chunks[0]))
+        ]
+        stacked = torch.stack(layers)  # [n_layers+1, B, n_cols, H]
+        out = []
+        for b, lay in enumerate(layouts):
+            idx = [state_index[c] for c in aligned.col[b][positions_of(lay)].tolist()]
+            out.append(stacked[:, b, idx])
+        return out
+
+    obs_states = gather_states(lambda lay: lay.observation_positions) if want_obs else None
+    slot_states = gather_states(lambda lay: lay.slot_positions) if want_slots else None
+
+    align_sum = ce_sum.new_zeros(())
+    align_count = 0
+    align_loss = None
+    loss = ce_loss
+    if teacher is not None and stage in ("stage2", "stage3"):
+        student = obs_states if stage == "stage2" else slot_states
+        for b in range(bsz):
+            tgt = teacher[b].to(device)
+            if tgt.shape[1] != student[b].shape[1] or tgt.shape[0] != student[b].shape[0]:
+                what = "observation tokens" if stage == "stage2" else "latent slots"
+                raise ValueError(
+                    f"sample {batch['keys'][b]}: teacher has {tgt.shape[1]} positions and "
+                    f"{tgt.shape[0]} layers, the student sequence has {student[b].shape[1]} "
+                    f"{what} and {student[b].shape[0]} layers"
+                )
+            if tgt.shape[1] == 0:
+                continue
+            align_sum = align_sum + alignment_per_sample(tgt, student[b])
+            align_count += 1
+        align_loss = align_sum / max(align_count, 1)
+        if stage == "stage2" and cfg.latent_proxy_weight > 0:
+            proxy = latent_proxy_loss(
+                align_loss, step_inputs, gate_state, cfg.align_weight, cfg.latent_proxy_weight
+            )
+            loss = ce_loss + (proxy - proxy.detach()) + (cfg.align_weight * align_loss).detach()
+        else:
+            loss = ce_loss + cfg.align_weight * align_loss
+
+    logits = None
+    if return_logits:
+        full = model.lm_head(hidden)
+        logits = torch.stack(
+            [
+                full[b]
+                .new_zeros(layouts[b].length, full.shape[-1])
+                .index_copy(
+                    0,
+                    (aligned.col[b] >= 0).nonzero().flatten().to(device),
+                    full[b, aligned.col[b][aligned.col[b] >= 0].to(device)],
+                )
+                for b in range(bsz)
+            ]
+        )
+    return LatentForwardOutput(
+        latents=per_sample_latents,
+        loss=loss,
+        ce_loss=ce_loss,
+        align_loss=align_loss,
+        ce_sum=ce_sum,
+        ce_weight=ce_weight,
+        align_sum=align_sum,
+        align_count=align_count,
+        n_target_tokens=int(rows_b.numel()),
+        obs_states=obs_states,
+        slot_states=slot_states,
+        logits=logits,
+    )

@@ -1,0 +1,178 @@
+"""The reference's two-pass latent forward, kept as an oracle for tests and a benchmark baseline.
+
+As in NOVAglow646/Monet (`CustomTrainerSFT_STAGE2.compute_loss` + the latent branch of its
+`Qwen2_5_VLModel.forward`, REFERENCE.md §3.4): per sample, pass 1 walks the sequence with a KV
+cache and computes each latent slot from the hidden state before it (one model call per slot);
+pass 2 runs the full sequence again with the recorded latents inserted and computes the losses.
+
+Options:
+  mask_mode="reference": pass 1 runs image tails and latent steps with plain causal attention
+    (latents see every aux image, image pads see each other), pass 2 uses the stage-2 mask —
+    what the reference does. "consistent": the stage-2 mask everywhere (our batched semantics).
+  detach_latent_inputs=True: pass-1 latent steps take `latent.detach()` as input, as the
+    reference does; False keeps the chain (our batched semantics).
+With mask_mode="consistent" and detach_latent_inputs=False this computes exactly what
+`latent_forward` computes — values and gradients — with many more model calls.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from monet_fast.model import sequence as seq
+from monet_fast.model.latent import LatentForwardOutput, embed_inputs
+from monet_fast.model.losses import (
+    LatentGate,
+    LossConfig,
+    alignment_per_sample,
+    latent_proxy_loss,
+    weighted_ce_sum,
+)
+
+MASK_MODES = ("reference", "consistent")
+
+
+def _float_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def reference_latent_forward(
+    model,
+    batch: dict,
+    stage: str | None = None,
+    teacher: list[torch.Tensor] | None = None,
+    *,
+    loss_config: LossConfig | None = None,
+    mask_mode: str = "reference",
+    detach_latent_inputs: bool = True,
+) -> LatentForwardOutput:
+    """Per-sample, per-latent loop + second full forward; same outputs as `latent_forward`."""
+    stage = stage or batch["stage"]
+    seq.check_stage(stage)
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    cfg = loss_config or LossConfig()
+    device = model.device
+    lm = model.model.language_model
+    layouts = batch["layouts"]
+    embeds_all = embed_inputs(model, batch)
+    dtype = embeds_all.dtype
+    gate_state = {"closed": False}
+    obs_w = cfg.obs_weight_for(stage)
+
+    latents, gated, obs_states, slot_states = [], [], [], []
+    ce_sum = embeds_all.new_zeros((), dtype=torch.float32)
+    ce_weight = ce_sum.clone()
+    n_targets = 0
+    for b, lay in enumerate(layouts):
+        lo, hi = lay.valid
+        n = hi - lo
+        x = embeds_all[b : b + 1, lo:hi]
+        pos = batch["position_ids"][:, b : b + 1, lo:hi].to(device)
+        causal = torch.ones(n, n, dtype=torch.bool).tril().view(1, 1, n, n)
+        if stage == "stage2" and batch.get("masked_rows") is not None:
+            rows = batch["masked_rows"][b : b + 1, lo:hi].clone()
+            rows = (rows - lo).clamp(min=0)  # row indices relative to the trimmed sequence
+            staged = seq.allowed_mask(rows, n)
+        else:
+            staged = causal
+        slots = [p - lo for p in lay.slot_positions]
+
+        # Pass 1: latents, one slot at a time.
+        vecs = []
+        if slots:
+            cache = DynamicCache(config=lm.config)
+            prev, h_last = 0, None
+            tails = {blk.slots[0] - lo: blk.aux_image for blk in lay.latent_blocks}
+
+            def run(s: int, e: int, allowed: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+                out = lm(
+                    inputs_embeds=inp,
+                    position_ids=pos[:, :, s:e],
+                    attention_mask=_float_mask(allowed[:, :, s:e, :e], dtype).to(device),
+                    cache=cache,
+                    use_cache=True,
+                )
+                return out.last_hidden_state
+
+            for p in slots:
+                if p > prev:
+                    cut = p
+                    img = tails.get(p)
+                    if mask_mode == "reference" and img is not None and img[0] - lo >= prev:
+                        cut = img[0] - lo  # image tail [cut, p) runs plain causal
+                    if cut > prev:
+                        h_last = run(prev, cut, staged, x[:, prev:cut])
+                    if p > cut:
+                        h_last = run(cut, p, causal, x[:, cut:p])
+                v = h_last[:, -1]
+                vecs.append(v[0])
+                inp = v.detach() if detach_latent_inputs else v
+                h_last = run(
+                    p, p + 1, causal if mask_mode == "reference" else staged, inp.unsqueeze(1)
+                )
+                prev = p + 1
+
+        # Pass 2: the full sequence with the latents inserted.
+        if vecs:
+            gv = [LatentGate.apply(v, gate_state) for v in vecs]
+            gated += gv
+            idx = torch.tensor(slots, device=device)
+            x = x.index_put((torch.zeros_like(idx), idx), torch.stack(gv).to(dtype))
+        out = lm(
+            inputs_embeds=x,
+            position_ids=pos,
+            attention_mask=_float_mask(staged, dtype).to(device),
+            use_cache=False,
+            output_hidden_states=True,
+        )
+        hidden = out.last_hidden_state[0]
+        states = torch.stack(out.hidden_states)[:, 0]  # [n_layers+1, n, H]
+        obs_states.append(states[:, [p - lo for p in lay.observation_positions]])
+        slot_states.append(states[:, slots])
+        latents.append(torch.stack(vecs) if vecs else x.new_zeros(0, x.shape[-1]))
+
+        labels = batch["labels"][b]
+        t = (labels != seq.IGNORE_INDEX).nonzero().flatten()
+        t = t[t > lo]
+        w = torch.where(batch["observation_mask"][b, t], obs_w, 1.0).to(device)
+        s, wsum = weighted_ce_sum(
+            model.lm_head(hidden[(t - 1 - lo).to(device)]), labels[t].to(device), w
+        )
+        ce_sum, ce_weight = ce_sum + s, ce_weight + wsum
+        n_targets += int(t.numel())
+
+    ce_loss = ce_sum / ce_weight.clamp_min(1.0)
+    align_sum = ce_sum.new_zeros(())
+    align_count = 0
+    align_loss = None
+    loss = ce_loss
+    if teacher is not None and stage in ("stage2", "stage3"):
+        student = obs_states if stage == "stage2" else slot_states
+        for b in range(len(layouts)):
+            if student[b].shape[1] == 0:
+                continue
+            align_sum = align_sum + alignment_per_sample(teacher[b].to(device), student[b])
+            align_count += 1
+        align_loss = align_sum / max(align_count, 1)
+        if stage == "stage2" and cfg.latent_proxy_weight > 0:
+            proxy = latent_proxy_loss(
+                align_loss, gated, gate_state, cfg.align_weight, cfg.latent_proxy_weight
+            )
+            loss = ce_loss + (proxy - proxy.detach()) + (cfg.align_weight * align_loss).detach()
+        else:
+            loss = ce_loss + cfg.align_weight * align_loss
+    return LatentForwardOutput(
+        latents=latents,
+        loss=loss,
+        ce_loss=ce_loss,
+        align_loss=align_loss,
+        ce_sum=ce_sum,
+        ce_weight=ce_weight,
+        align_sum=align_sum,
+        align_count=align_count,
+        n_target_tokens=n_targets,
+        obs_states=obs_states,
+        slot_states=slot_states,
+    )

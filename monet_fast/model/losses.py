@@ -1,0 +1,115 @@
+"""Loss pieces shared by the batched latent forward and the two-pass reference.
+
+Normalisation is explicit: every loss comes as a (sum, normaliser) pair so a trainer can
+divide by the total over all gradient-accumulation micro-batches, not per micro-batch.
+  - CE: sum over target tokens of weight·ce, normalised by the sum of weights (observation
+    tokens weigh `obs_weight`, others 1) — the reference's weighted mean, token-level.
+  - Alignment: per sample, mean over layers × positions of (1 − cos); averaged over samples
+    (the reference's `.mean()` per sample then batch mean).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Reference values (REFERENCE.md §2-4): observation CE factor 2.0 in stage 1, 4.0 in stages
+# 2 and 3; alignment weight 2.0; stage 2 routes alignment through the latents with weight 2.0.
+DEFAULT_OBS_WEIGHT = {"stage1": 2.0, "stage2": 4.0, "stage3": 4.0, "infer": 1.0}
+
+
+@dataclass
+class LossConfig:
+    """Loss weights. None means the reference's value for the stage."""
+
+    obs_weight: float | None = None
+    align_weight: float = 2.0
+    # Stage 2 only: the alignment gradient reaches the parameters only through the latent
+    # vectors, scaled by this factor (the reference's `emphasize_latent_weight`).
+    latent_proxy_weight: float = 2.0
+
+    def obs_weight_for(self, stage: str) -> float:
+        return DEFAULT_OBS_WEIGHT[stage] if self.obs_weight is None else self.obs_weight
+
+    def __post_init__(self) -> None:
+        for name in ("obs_weight", "align_weight", "latent_proxy_weight"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def weighted_ce_sum(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ w·ce, Σ w) over rows. logits [N, V] (upcast to fp32 here, unlike the reference's bf16
+    CE, because the sum of thousands of bf16 terms loses the small per-token differences)."""
+    if logits.shape[0] == 0:
+        zero = logits.new_zeros((), dtype=torch.float32)
+        return zero + logits.sum() * 0, zero
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    weights = weights.to(ce.dtype)
+    return (ce * weights).sum(), weights.sum()
+
+
+def alignment_per_sample(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """mean over [layers, positions] of 1 − cos(teacher, student) along the hidden dim (fp32)."""
+    if teacher.shape != student.shape:
+        raise ValueError(
+            f"teacher states {tuple(teacher.shape)} do not match student states "
+            f"{tuple(student.shape)} ([layers, positions, hidden])"
+        )
+    if teacher.numel() == 0:
+        return student.sum() * 0
+    cos = F.cosine_similarity(teacher.float(), student.float(), dim=-1)
+    return (1.0 - cos).mean()
+
+
+class LatentGate(torch.autograd.Function):
+    """Identity on a latent vector whose backward can be switched off.
+
+    Stage 2 needs g = ∂L_align/∂latents holding the *other* latents fixed (the reference gets
+    it because its second pass sees the latents as leaves). In a one-pass graph a later latent
+    depends on earlier ones, so autograd.grad would also follow those chains; closing every gate
+    during that call stops the gradient at each latent, which gives exactly the partials.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, state: dict) -> torch.Tensor:
+        ctx.state = state
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (None if ctx.state["closed"] else grad), None
+
+
+def latent_proxy_loss(
+    align_loss: torch.Tensor,
+    gated_latents: list[torch.Tensor],
+    gate_state: dict,
+    align_weight: float,
+    proxy_weight: float,
+) -> torch.Tensor:
+    """The reference's `compute_latents_only_loss`: Σ v·g.detach() with g = ∂(w·L_align)/∂v.
+
+    Its gradient w.r.t. any parameter is L_align's gradient restricted to paths through the
+    latent vectors (times proxy_weight); its value is meaningless, so callers add
+    `proxy − proxy.detach()` to the reported loss.
+    """
+    used = [v for v in gated_latents if v.requires_grad]
+    if not used or not align_loss.requires_grad or proxy_weight == 0 or align_weight == 0:
+        return align_loss.new_zeros(())
+    gate_state["closed"] = True
+    try:
+        grads = torch.autograd.grad(
+            align_weight * align_loss, used, retain_graph=True, allow_unused=True
+        )
+    finally:
+        gate_state["closed"] = False
+    proxy = align_loss.new_zeros(())
+    for v, g in zip(used, grads):
+        if g is not None:
+            proxy = proxy + (v * g.detach()).sum()
+    return proxy_weight * proxy
