@@ -151,7 +151,6 @@ def test_stage2_alignment_reaches_parameters_only_through_latents(tiny):
     # Tokens that occur only after the latent block: the latents cannot depend on them.
     late = {ids[p] for p in lay.observation_positions} - set(ids[:first_slot])
     assert late
-    emb = model.get_input_embeddings().weight
 
     def align_grad(cfg):
         model.zero_grad()

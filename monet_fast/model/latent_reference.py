@@ -37,6 +37,18 @@ def _float_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+def _step(lm, cache, pos, s: int, e: int, allowed: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    """Run positions [s, e) over the cache with rows [s, e) of the `allowed` mask."""
+    out = lm(
+        inputs_embeds=inp,
+        position_ids=pos[:, :, s:e],
+        attention_mask=_float_mask(allowed[:, :, s:e, :e], inp.dtype).to(inp.device),
+        cache=cache,
+        use_cache=True,
+    )
+    return out.last_hidden_state
+
+
 def reference_latent_forward(
     model,
     batch: dict,
@@ -86,16 +98,6 @@ def reference_latent_forward(
             prev, h_last = 0, None
             tails = {blk.slots[0] - lo: blk.aux_image for blk in lay.latent_blocks}
 
-            def run(s: int, e: int, allowed: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
-                out = lm(
-                    inputs_embeds=inp,
-                    position_ids=pos[:, :, s:e],
-                    attention_mask=_float_mask(allowed[:, :, s:e, :e], dtype).to(device),
-                    cache=cache,
-                    use_cache=True,
-                )
-                return out.last_hidden_state
-
             for p in slots:
                 if p > prev:
                     cut = p
@@ -103,15 +105,14 @@ def reference_latent_forward(
                     if mask_mode == "reference" and img is not None and img[0] - lo >= prev:
                         cut = img[0] - lo  # image tail [cut, p) runs plain causal
                     if cut > prev:
-                        h_last = run(prev, cut, staged, x[:, prev:cut])
+                        h_last = _step(lm, cache, pos, prev, cut, staged, x[:, prev:cut])
                     if p > cut:
-                        h_last = run(cut, p, causal, x[:, cut:p])
+                        h_last = _step(lm, cache, pos, cut, p, causal, x[:, cut:p])
                 v = h_last[:, -1]
                 vecs.append(v[0])
                 inp = v.detach() if detach_latent_inputs else v
-                h_last = run(
-                    p, p + 1, causal if mask_mode == "reference" else staged, inp.unsqueeze(1)
-                )
+                step_mask = causal if mask_mode == "reference" else staged
+                h_last = _step(lm, cache, pos, p, p + 1, step_mask, inp.unsqueeze(1))
                 prev = p + 1
 
         # Pass 2: the full sequence with the latents inserted.
