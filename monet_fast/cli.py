@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -29,6 +30,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# Modules that add their own subcommands: each defines `register(subparsers)` and sets
+# `func` on its parser. Imported when the parser is built; keep their top-level imports light.
+COMMAND_MODULES: list[str] = []
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monet-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.set_defaults(func=_cmd_bench)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
