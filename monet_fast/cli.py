@@ -32,7 +32,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 # Modules that add their own subcommands: each defines `register(subparsers)` and sets
 # `func` on its parser. Imported when the parser is built; keep their top-level imports light.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "monet_fast.demo",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

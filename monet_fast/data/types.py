@@ -11,6 +11,8 @@ from typing import Literal
 
 from PIL import Image
 
+from monet_fast.data.images import open_rgb
+
 SegmentKind = Literal["text", "image", "aux_image", "observation", "answer"]
 SEGMENT_KINDS: tuple[str, ...] = ("text", "image", "aux_image", "observation", "answer")
 
@@ -45,6 +47,18 @@ class Segment:
         elif self.image is not None:
             raise ValueError(f"{self.kind} segment cannot carry an image")
 
+    def load_image(self) -> Image.Image:
+        """The segment's image: the in-memory one, else decoded from `path` as RGB.
+
+        Not cached on purpose: a lazily read dataset (`read_monet_sft(load_images=False)`) then
+        holds file paths only, and memory stays flat however many samples are touched.
+        """
+        if self.image is not None:
+            return self.image
+        if self.path is None:
+            raise ValueError(f"{self.kind} segment has neither an image nor a path")
+        return open_rgb(self.path)
+
 
 @dataclass
 class Sample:
@@ -63,11 +77,13 @@ class Sample:
 
     @property
     def question_images(self) -> list[Image.Image]:
-        return [s.image for s in self.question if s.kind == "image"]
+        """Question images in order (loaded from disk if the sample was read lazily)."""
+        return [s.load_image() for s in self.question if s.kind == "image"]
 
     @property
     def aux_images(self) -> list[Image.Image]:
-        return [s.image for s in self.reasoning if s.kind == "aux_image"]
+        """Auxiliary images in order (loaded from disk if the sample was read lazily)."""
+        return [s.load_image() for s in self.reasoning if s.kind == "aux_image"]
 
     @property
     def key(self) -> str:

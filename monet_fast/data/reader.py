@@ -1,0 +1,829 @@
+"""Read, validate and write datasets in the reference's Monet-SFT-125K JSON format.
+
+On disk (REFERENCE.md §1.2) a dataset is a JSON list (or JSON-lines file) of rows
+`{"data": [system, user, assistant], "metadata": {"dataset_name", "sample_id"}}` whose messages
+hold content items `{"type": "text", "text": ...}` / `{"type": "image", "image": relative path}`.
+In memory every row becomes a `Sample` of typed segments, so nothing downstream parses strings.
+
+Conversion of the assistant turn (the reference's rules of
+`Monet_single_input_images_preprocess_function`, src/task.py, plus our segment split):
+
+* `<abs_vis_token></abs_vis_token>` in a text item marks where the next (auxiliary) image goes; the
+  placeholder is removed and the image becomes an "aux_image" segment at its position. Every
+  assistant image must directly follow a text item holding a placeholder, and #images must equal
+  #placeholders. (Stricter than the reference on one point: it also lets through an image that
+  is the first item of the turn or follows another image; we reject those as malformed.)
+* `<observation>` tags in text before the turn's first auxiliary image are stripped, text kept.
+  Later `<observation>...</observation>` spans become "observation" segments (tags removed).
+  A sample needs at least one observation unless `allow_no_observation=True`.
+* The last `\\boxed{...}` outside observations becomes an "answer" segment with text
+  `"\\boxed{...}"`, and `Sample.answer` is its content (stripped). Without any `\\boxed{}` the
+  answer is the final segment's text: a final "text" segment is turned into the "answer" segment,
+  a final observation stays an observation (its text is still `Sample.answer`).
+* System text is overwritten with "You are a helpful assistant." (`overwrite_system=True`), and
+  "\\nPut your final answer within \\boxed{}." is removed from user text unless the first user
+  image path contains Zebra_CoT_visual_search / Zebra_CoT_count (`strip_boxed_instruction=True`).
+* In the user turn, placeholders (rare) move the question images to their positions, as the
+  reference's `process_multiple_question_img` does.
+
+Errors are `DataError`s naming the file, the 0-based row and the sample_id. `on_error="skip"` drops
+bad rows and warns once with the count and the first reasons (`read_monet_sft_with_report` also
+returns them). A file that is not valid JSON cannot be skipped row by row and always raises.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NoReturn
+
+from PIL import UnidentifiedImageError
+
+from monet_fast.data.images import open_rgb
+from monet_fast.data.types import DEFAULT_SYSTEM, SEGMENT_KINDS, Sample, Segment
+from monet_fast.model.tokens import LATENT_PLACEHOLDER, OBS_END, OBS_START
+
+logger = logging.getLogger(__name__)
+
+OnError = Literal["raise", "skip"]
+ON_ERROR_MODES = ("raise", "skip")
+
+# Removed from user text by the reference, except for the two Zebra-CoT subsets that keep it.
+BOXED_INSTRUCTION = "\nPut your final answer within \\boxed{}."
+KEEP_BOXED_INSTRUCTION_MARKERS = ("Zebra_CoT_visual_search", "Zebra_CoT_count")
+BOXED_OPEN = "\\boxed{"
+
+QUESTION_KINDS = ("image", "text")
+REASONING_KINDS = ("text", "aux_image", "observation", "answer")
+CONTENT_TYPES = ("image", "text")
+# Strings with a meaning in the on-disk text; plain text segments must not contain them.
+RESERVED_STRINGS = (LATENT_PLACEHOLDER, OBS_START, OBS_END)
+
+# How many skip reasons the warning quotes.
+_N_REASONS_SHOWN = 3
+
+
+class DataError(ValueError):
+    """A malformed dataset row or sample; the message names the file, row and sample_id."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        file: str | os.PathLike | None = None,
+        row: int | None = None,
+        sample_id: str | None = None,
+    ) -> None:
+        self.reason = reason
+        self.file = None if file is None else str(file)
+        self.row = row
+        self.sample_id = sample_id
+        where = []
+        if self.file is not None:
+            where.append(self.file)
+        if row is not None:
+            where.append(f"row {row}")
+        if sample_id is not None:
+            where.append(f"sample_id={sample_id!r}")
+        super().__init__(f"{', '.join(where)}: {reason}" if where else reason)
+
+    def located(
+        self, file: str | os.PathLike | None, row: int | None, sample_id: str | None
+    ) -> DataError:
+        """The same reason, with the location filled in where it was missing."""
+        return DataError(
+            self.reason,
+            file=self.file if self.file is not None else file,
+            row=self.row if self.row is not None else row,
+            sample_id=self.sample_id if self.sample_id is not None else sample_id,
+        )
+
+    def __reduce__(self):
+        # Keyword-only fields survive pickling (DataLoader workers re-raise in the main process).
+        return _rebuild_data_error, (self.reason, self.file, self.row, self.sample_id)
+
+
+def _rebuild_data_error(
+    reason: str, file: str | None, row: int | None, sample_id: str | None
+) -> DataError:
+    return DataError(reason, file=file, row=row, sample_id=sample_id)
+
+
+class DataWarning(UserWarning):
+    """Rows were skipped while reading a dataset (`on_error="skip"`)."""
+
+
+@dataclass
+class ReadReport:
+    """What a read did: rows seen, samples kept, and (row, reason) of every skipped row."""
+
+    path: str
+    n_rows: int = 0
+    n_read: int = 0
+    skipped: list[tuple[int | None, str]] = field(default_factory=list)
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def read_monet_sft(
+    json_path: str | os.PathLike,
+    dataset_root: str | os.PathLike | None = None,
+    *,
+    on_error: OnError = "raise",
+    load_images: bool = True,
+    allow_no_observation: bool = False,
+    strip_boxed_instruction: bool = True,
+    strip_early_observations: bool = True,
+    overwrite_system: bool = True,
+) -> list[Sample]:
+    """Read a Monet-SFT-format `.json` (list) or `.jsonl` file into `Sample`s.
+
+    Args:
+        json_path: the dataset file.
+        dataset_root: directory the image paths are relative to; defaults to the file's directory.
+            (The reference's Monet-SFT-125K stores paths like "Visual_CoT/images/x.jpg" relative
+            to the Monet-SFT-125K folder, i.e. the PARENT of each train.json: pass that folder.)
+        on_error: "raise" stops at the first bad row; "skip" drops bad rows and warns
+            (`DataWarning`) with their number and the first reasons.
+        load_images: decode every image as RGB now (missing/corrupt files are found here);
+            False keeps only paths, loaded on access via `Segment.load_image()` (use `validate`
+            to check the files). Prefer False for large datasets: decoded images are big.
+        allow_no_observation: keep samples without any observation (reference flag).
+        strip_boxed_instruction: drop "\\nPut your final answer within \\boxed{}." from user text
+            (except the Zebra_CoT_visual_search / Zebra_CoT_count subsets), as the reference.
+        strip_early_observations: strip `<observation>` tags before the first auxiliary image
+            (reference); False makes such an observation an error instead.
+        overwrite_system: replace the system text by "You are a helpful assistant." (reference).
+    """
+    samples, report = read_monet_sft_with_report(
+        json_path,
+        dataset_root,
+        on_error=on_error,
+        load_images=load_images,
+        allow_no_observation=allow_no_observation,
+        strip_boxed_instruction=strip_boxed_instruction,
+        strip_early_observations=strip_early_observations,
+        overwrite_system=overwrite_system,
+    )
+    return samples
+
+
+def read_monet_sft_with_report(
+    json_path: str | os.PathLike,
+    dataset_root: str | os.PathLike | None = None,
+    *,
+    on_error: OnError = "raise",
+    load_images: bool = True,
+    allow_no_observation: bool = False,
+    strip_boxed_instruction: bool = True,
+    strip_early_observations: bool = True,
+    overwrite_system: bool = True,
+) -> tuple[list[Sample], ReadReport]:
+    """`read_monet_sft`, also returning a `ReadReport` of rows read and skipped."""
+    if on_error not in ON_ERROR_MODES:
+        raise ValueError(f"on_error must be one of {ON_ERROR_MODES}, got {on_error!r}")
+    path = Path(json_path)
+    root = path.parent if dataset_root is None else Path(dataset_root)
+    report = ReadReport(path=str(path))
+    opts = _ReadOptions(
+        dataset_root=root,
+        load_images=load_images,
+        allow_no_observation=allow_no_observation,
+        strip_boxed_instruction=strip_boxed_instruction,
+        strip_early_observations=strip_early_observations,
+        overwrite_system=overwrite_system,
+        default_dataset_name=path.parent.name or "dataset",
+    )
+    samples: list[Sample] = []
+    for row_index, row in _iter_rows(path, on_error, report):
+        report.n_rows += 1
+        sample_id = _peek_sample_id(row)
+        try:
+            try:
+                sample = _sample_from_row(row, opts, row_index, f"{path}:{row_index}")
+            except (KeyError, TypeError, AttributeError) as err:
+                # Structure we did not anticipate: still a bad row (skippable), not a crash.
+                raise DataError(f"malformed row ({type(err).__name__}: {err})") from err
+        except DataError as err:
+            located = err.located(path, row_index, sample_id)
+            if on_error == "raise":
+                raise located from None
+            report.skipped.append((row_index, located.reason))
+            continue
+        samples.append(sample)
+    report.n_read = len(samples)
+    if report.skipped:
+        shown = "; ".join(f"row {r}: {why}" for r, why in report.skipped[:_N_REASONS_SHOWN])
+        more = "" if report.n_skipped <= _N_REASONS_SHOWN else "; ..."
+        warnings.warn(
+            f"{path}: skipped {report.n_skipped} of {report.n_rows} rows ({shown}{more})",
+            DataWarning,
+            stacklevel=3,
+        )
+    logger.info("%s: read %d samples, skipped %d rows", path, report.n_read, report.n_skipped)
+    return samples, report
+
+
+def _iter_rows(path: Path, on_error: OnError, report: ReadReport) -> Iterable[tuple[int, Any]]:
+    """Yield (row index, decoded row). `.jsonl`: one row per non-blank line, bad lines skippable."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError("dataset file not found", file=path) from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"not UTF-8 text ({err})", file=path) from None
+
+    if path.suffix == ".jsonl":
+        for row_index, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                yield row_index, json.loads(line)
+            except json.JSONDecodeError as err:
+                error = DataError(
+                    f"malformed JSON at line {row_index + 1} column {err.colno}: {err.msg}",
+                    file=path,
+                    row=row_index,
+                )
+                if on_error == "raise":
+                    raise error from None
+                report.n_rows += 1
+                report.skipped.append((row_index, error.reason))
+        return
+
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"malformed JSON at line {err.lineno} column {err.colno}: {err.msg}", file=path
+        ) from None
+    if not isinstance(rows, list):
+        raise DataError(
+            f"expected a JSON list of rows, got a JSON {type(rows).__name__}", file=path
+        )
+    yield from enumerate(rows)
+
+
+def _peek_sample_id(row: Any) -> str | None:
+    if isinstance(row, dict) and isinstance(row.get("metadata"), dict):
+        sample_id = row["metadata"].get("sample_id")
+        return None if sample_id is None else str(sample_id)
+    return None
+
+
+@dataclass(frozen=True)
+class _ReadOptions:
+    """The per-row conversion options of `read_monet_sft` (see its docstring)."""
+
+    dataset_root: Path
+    load_images: bool
+    allow_no_observation: bool
+    strip_boxed_instruction: bool
+    strip_early_observations: bool
+    overwrite_system: bool
+    default_dataset_name: str
+
+
+def _sample_from_row(row: Any, opts: _ReadOptions, row_index: int, source: str) -> Sample:
+    """Convert one decoded row into a `Sample` (rules in the module docstring).
+
+    Raises `DataError` without a location; the caller adds file, row and sample_id.
+    """
+    if not isinstance(row, dict):
+        raise DataError(f"row must be a JSON object, got {type(row).__name__}")
+    if "data" not in row:
+        raise DataError(f'row has no "data" (keys: {sorted(row)})')
+    messages = row["data"]
+    if not isinstance(messages, list):
+        raise DataError(f'"data" must be a list of messages, got {type(messages).__name__}')
+    metadata = row.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise DataError(f'"metadata" must be an object, got {type(metadata).__name__}')
+
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+    if roles not in (["system", "user", "assistant"], ["user", "assistant"]):
+        raise DataError(f"expected messages with roles [system?, user, assistant], got {roles}")
+    by_role = {m["role"]: _content_items(m) for m in messages}
+
+    # System: the reference overwrites it unconditionally.
+    system = DEFAULT_SYSTEM
+    if not opts.overwrite_system and "system" in by_role:
+        system = "".join(text for kind, text in by_role["system"] if kind == "text")
+
+    question = _user_segments(
+        by_role["user"],
+        dataset_root=opts.dataset_root,
+        load_images=opts.load_images,
+        strip_boxed_instruction=opts.strip_boxed_instruction,
+    )
+    reasoning = _assistant_segments(
+        by_role["assistant"],
+        dataset_root=opts.dataset_root,
+        load_images=opts.load_images,
+        strip_early_observations=opts.strip_early_observations,
+    )
+    reasoning, answer = _extract_answer(reasoning)
+
+    known = {"dataset_name", "sample_id", "choices", "category", "meta"}
+    meta = dict(metadata.get("meta") or {})
+    meta.update({k: v for k, v in metadata.items() if k not in known})
+    choices = metadata.get("choices")
+    if choices is not None and not (
+        isinstance(choices, list) and all(isinstance(c, str) for c in choices)
+    ):
+        raise DataError(f'metadata "choices" must be a list of strings, got {choices!r}')
+    sample = Sample(
+        question=question,
+        reasoning=reasoning,
+        answer=answer,
+        sample_id=str(metadata.get("sample_id", row_index)),
+        dataset_name=str(metadata.get("dataset_name", opts.default_dataset_name)),
+        system=system,
+        choices=choices,
+        category=None if metadata.get("category") is None else str(metadata["category"]),
+        source=source,
+        meta=meta,
+    )
+    validate_sample(sample, check_files=False, allow_no_observation=opts.allow_no_observation)
+    return sample
+
+
+def _content_items(message: dict) -> list[tuple[str, str]]:
+    """A message's content as (type, text-or-image-path) pairs, type-checked."""
+    role = message["role"]
+    content = message.get("content")
+    if isinstance(content, str):  # plain-string content is valid chat format
+        return [("text", content)]
+    if not isinstance(content, list):
+        raise DataError(f"{role} message content must be a list, got {type(content).__name__}")
+    items: list[tuple[str, str]] = []
+    for j, item in enumerate(content):
+        if not isinstance(item, dict):
+            raise DataError(f"{role} item {j} must be an object, got {type(item).__name__}")
+        kind = item.get("type")
+        if kind == "text":
+            value = item.get("text")
+        elif kind == "image":
+            # "image_file_name" is the key of the reference's older (AVT) files.
+            value = item.get("image", item.get("image_file_name"))
+        else:
+            raise DataError(
+                f"unknown content item type {kind!r} in {role} item {j} "
+                f"(allowed: {list(CONTENT_TYPES)})"
+            )
+        if not isinstance(value, str):
+            raise DataError(f"{role} item {j} ({kind}) needs a string, got {value!r}")
+        items.append((kind, value))
+    return items
+
+
+def _image_segment(
+    kind: Literal["image", "aux_image"], rel_path: str, dataset_root: Path, load_images: bool
+) -> Segment:
+    path = dataset_root / rel_path
+    if not load_images:
+        return Segment(kind, path=str(path))
+    try:
+        image = open_rgb(path)
+    except FileNotFoundError:
+        hint = _root_hint(rel_path, dataset_root)
+        raise DataError(f"missing image file {str(path)!r}{hint}") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"cannot read image file {str(path)!r}: {err}") from None
+    return Segment(kind, image=image, path=str(path))
+
+
+def _root_hint(rel_path: str, dataset_root: Path) -> str:
+    # Monet-SFT-125K paths are relative to the folder above each train.json; a wrong root is the
+    # commonest cause of "missing image", so say so when the parent folder has the file.
+    parent = dataset_root.resolve().parent
+    if (parent / rel_path).is_file():
+        return f" (the file exists under {str(parent)!r}: pass dataset_root={str(parent)!r})"
+    return f" (dataset_root is {str(dataset_root)!r})"
+
+
+def _user_segments(
+    items: list[tuple[str, str]],
+    *,
+    dataset_root: Path,
+    load_images: bool,
+    strip_boxed_instruction: bool,
+) -> list[Segment]:
+    image_paths = [value for kind, value in items if kind == "image"]
+    keep_instruction = bool(image_paths) and any(
+        marker in str(dataset_root / image_paths[0]) for marker in KEEP_BOXED_INSTRUCTION_MARKERS
+    )
+    images = [_image_segment("image", p, dataset_root, load_images) for p in image_paths]
+    texts = []
+    for kind, value in items:
+        if kind == "text":
+            if strip_boxed_instruction and not keep_instruction:
+                value = value.replace(BOXED_INSTRUCTION, "")
+            texts.append(value)
+
+    n_placeholders = sum(t.count(LATENT_PLACEHOLDER) for t in texts)
+    segments: list[Segment] = []
+    image_iter, text_iter = iter(images), iter(texts)
+    if n_placeholders == 0:
+        for kind, _ in items:
+            segments.append(
+                next(image_iter) if kind == "image" else Segment("text", next(text_iter))
+            )
+    else:
+        # The reference moves question images to the placeholders of the prompt.
+        if n_placeholders != len(images):
+            raise DataError(
+                f"user turn has {len(images)} images but {n_placeholders} "
+                f"{LATENT_PLACEHOLDER!r} placeholders"
+            )
+        for text in texts:
+            pieces = text.split(LATENT_PLACEHOLDER)
+            for k, piece in enumerate(pieces):
+                if k:
+                    segments.append(next(image_iter))
+                segments.append(Segment("text", piece))
+    return [s for s in segments if s.kind != "text" or s.text]
+
+
+def _assistant_segments(
+    items: list[tuple[str, str]],
+    *,
+    dataset_root: Path,
+    load_images: bool,
+    strip_early_observations: bool,
+) -> list[Segment]:
+    # Pairing rules first (cheap, and before any image is decoded).
+    n_images = n_placeholders = 0
+    for j, (kind, value) in enumerate(items):
+        if kind == "text":
+            n_placeholders += value.count(LATENT_PLACEHOLDER)
+            continue
+        n_images += 1
+        previous = items[j - 1] if j > 0 else None
+        if previous is None or previous[0] != "text" or LATENT_PLACEHOLDER not in previous[1]:
+            raise DataError(
+                f"auxiliary image {value!r} (assistant item {j}) is not immediately preceded by "
+                f"a text item containing {LATENT_PLACEHOLDER!r}"
+            )
+    if n_images != n_placeholders:
+        raise DataError(
+            f"assistant turn has {n_images} auxiliary images but {n_placeholders} "
+            f"{LATENT_PLACEHOLDER!r} placeholders"
+        )
+    # With both rules, each image's preceding text item holds exactly one placeholder and no
+    # other item holds any, so "image at its placeholder" is "split that text item around it".
+
+    pieces: list[str | Segment] = []
+    after_placeholder = ""
+    seen_image = False
+    for kind, value in items:
+        if kind == "image":
+            pieces.append(_image_segment("aux_image", value, dataset_root, load_images))
+            pieces.append(after_placeholder)
+            after_placeholder = ""
+            seen_image = True
+            continue
+        if not seen_image and strip_early_observations:
+            # Reference: an observation needs an auxiliary image before it in the turn; earlier
+            # tags are dropped, their text kept.
+            value = value.replace(OBS_START, "").replace(OBS_END, "")
+        before, found, after = value.partition(LATENT_PLACEHOLDER)
+        pieces.append(before)
+        if found:
+            after_placeholder = after
+
+    segments: list[Segment] = []
+    text = ""
+    for piece in pieces:
+        if isinstance(piece, str):
+            text += piece  # content items are concatenated by the chat template
+            continue
+        segments.extend(_split_observations(text))
+        segments.append(piece)
+        text = ""
+    segments.extend(_split_observations(text))
+    return segments
+
+
+def _split_observations(text: str) -> list[Segment]:
+    """Split text at `<observation>...</observation>` spans into text/observation segments."""
+    segments: list[Segment] = []
+    pos = 0
+    while True:
+        start = text.find(OBS_START, pos)
+        stray_end = text.find(OBS_END, pos)
+        if start == -1:
+            if stray_end != -1:
+                raise DataError(f"{OBS_END!r} without a matching {OBS_START!r}")
+            break
+        if stray_end != -1 and stray_end < start:
+            raise DataError(f"{OBS_END!r} without a matching {OBS_START!r}")
+        end = text.find(OBS_END, start + len(OBS_START))
+        if end == -1:
+            raise DataError(f"unclosed {OBS_START!r} (observations cannot span an image)")
+        inner = text[start + len(OBS_START) : end]
+        if OBS_START in inner:
+            raise DataError(f"nested {OBS_START!r}")
+        if start > pos:
+            segments.append(Segment("text", text[pos:start]))
+        segments.append(Segment("observation", inner))
+        pos = end + len(OBS_END)
+    if pos < len(text):
+        segments.append(Segment("text", text[pos:]))
+    return segments
+
+
+def find_last_boxed(text: str) -> tuple[int, int, str] | None:
+    """(start, end, content) of the last top-level `\\boxed{...}` in `text`, braces balanced.
+
+    `text[start:end]` is the whole span; None if there is none. Raises DataError if unclosed.
+    """
+    last = None
+    pos = 0
+    while (start := text.find(BOXED_OPEN, pos)) != -1:
+        depth = 0
+        close = -1
+        for i in range(start + len(BOXED_OPEN) - 1, len(text)):  # from the opening brace
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                depth -= 1
+                if depth == 0:
+                    close = i
+                    break
+        if close == -1:
+            raise DataError(f"unclosed {BOXED_OPEN}...}} in {text[start : start + 60]!r}")
+        last = (start, close + 1, text[start + len(BOXED_OPEN) : close])
+        pos = close + 1
+    return last
+
+
+def _extract_answer(reasoning: list[Segment]) -> tuple[list[Segment], str]:
+    """Split off the answer segment; returns (segments, Sample.answer)."""
+    for idx in range(len(reasoning) - 1, -1, -1):
+        seg = reasoning[idx]
+        if seg.kind != "text":
+            continue
+        found = find_last_boxed(seg.text)
+        if found is None:
+            continue
+        start, end, content = found
+        if not content.strip():
+            raise DataError(f"empty answer {seg.text[start:end]!r}")
+        pieces = [
+            Segment("text", seg.text[:start]),
+            Segment("answer", seg.text[start:end]),
+            Segment("text", seg.text[end:]),
+        ]
+        pieces = [p for p in pieces if p.kind == "answer" or p.text]
+        return reasoning[:idx] + pieces + reasoning[idx + 1 :], content.strip()
+
+    # No \boxed{}: the final segment's text is the answer (documented fallback).
+    if not reasoning or reasoning[-1].kind == "aux_image":
+        raise DataError("empty answer: the assistant turn has no text after its last image")
+    last = reasoning[-1]
+    if not last.text.strip():
+        raise DataError("empty answer: the assistant turn ends with empty text")
+    if last.kind == "text":
+        reasoning = reasoning[:-1] + [Segment("answer", last.text)]
+    return reasoning, last.text.strip()
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _where(sample: Sample) -> DataError:
+    """An empty DataError carrying the sample's location, for `.located()`."""
+    file = row = None
+    if sample.source is not None:
+        file, _, row_text = sample.source.rpartition(":")
+        if row_text.isdigit():
+            row = int(row_text)
+        else:
+            file = sample.source
+    return DataError("", file=file or None, row=row, sample_id=sample.sample_id)
+
+
+def validate_sample(
+    sample: Sample, *, check_files: bool = True, allow_no_observation: bool = False
+) -> None:
+    """Check a sample's structure; raise `DataError` naming its source (or key) if bad.
+
+    Checks: segment kinds allowed for their turn; an observation only after an auxiliary image;
+    at least one observation (unless allowed); at most one answer segment and a non-empty
+    `Sample.answer`; every image segment has pixels or (with `check_files`) an existing file.
+    """
+    where = _where(sample)
+
+    def fail(reason: str) -> NoReturn:
+        raise DataError(reason).located(where.file, where.row, where.sample_id)
+
+    if not sample.question:
+        fail("the question has no segments")
+    for j, seg in enumerate(sample.question):
+        if seg.kind not in QUESTION_KINDS:
+            fail(
+                f"unknown question segment type {seg.kind!r} at {j} (allowed: {list(QUESTION_KINDS)})"
+            )
+    seen_aux = False
+    n_obs = n_answer = 0
+    for j, seg in enumerate(sample.reasoning):
+        if seg.kind not in REASONING_KINDS:
+            known = seg.kind in SEGMENT_KINDS
+            fail(
+                f"{'misplaced' if known else 'unknown'} reasoning segment type {seg.kind!r} "
+                f"at {j} (allowed: {list(REASONING_KINDS)})"
+            )
+        if seg.kind == "aux_image":
+            seen_aux = True
+        elif seg.kind == "observation":
+            if not seen_aux:
+                fail(f"observation {seg.text[:40]!r} without a preceding auxiliary image")
+            n_obs += 1
+        elif seg.kind == "answer":
+            n_answer += 1
+            if not seg.text.strip():
+                fail("empty answer segment")
+    if n_obs == 0 and not allow_no_observation:
+        fail("no observation in the assistant turn (pass allow_no_observation=True to keep it)")
+    if n_answer > 1:
+        fail(f"{n_answer} answer segments, expected at most one")
+    if not str(sample.answer).strip():
+        fail("empty answer")
+    for seg in [*sample.question, *sample.reasoning]:
+        if seg.kind in ("image", "aux_image"):
+            if seg.image is None and seg.path is None:
+                fail(f"{seg.kind} segment has neither an image nor a path")
+            if seg.image is None and check_files and not os.path.isfile(seg.path):
+                fail(f"missing image file {seg.path!r}")
+
+
+def validate(
+    samples: Sample | Iterable[Sample],
+    *,
+    check_files: bool = True,
+    allow_no_observation: bool = False,
+    on_error: OnError = "raise",
+) -> list[Sample]:
+    """`validate_sample` over samples; returns the valid ones ("skip" warns with the count).
+
+    Use after `read_monet_sft(load_images=False)` to find missing image files up front.
+    """
+    if on_error not in ON_ERROR_MODES:
+        raise ValueError(f"on_error must be one of {ON_ERROR_MODES}, got {on_error!r}")
+    if isinstance(samples, Sample):
+        samples = [samples]
+    good: list[Sample] = []
+    reasons: list[str] = []
+    for sample in samples:
+        try:
+            validate_sample(
+                sample, check_files=check_files, allow_no_observation=allow_no_observation
+            )
+        except DataError as err:
+            if on_error == "raise":
+                raise
+            reasons.append(str(err))
+            continue
+        good.append(sample)
+    if reasons:
+        shown = "; ".join(reasons[:_N_REASONS_SHOWN])
+        warnings.warn(
+            f"skipped {len(reasons)} invalid samples ({shown})", DataWarning, stacklevel=2
+        )
+    return good
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def write_monet_sft(
+    samples: Sequence[Sample],
+    out_dir: str | os.PathLike,
+    name: str = "train.json",
+    *,
+    image_dir: str = "images",
+) -> Path:
+    """Write samples in the Monet-SFT on-disk format; returns the JSON path.
+
+    Images are saved as RGB PNG under `out_dir/image_dir/` and referenced by paths relative to
+    `out_dir`, so `read_monet_sft(path)` (default root = the file's directory) reads them back.
+    The JSON is written to a temporary file and renamed, so readers never see a partial file.
+    `choices`, `category` and `meta` go into "metadata" next to dataset_name/sample_id (the
+    reference ignores extra keys). Round trip: reading gives the same segments and answers when
+    the answer segment is a `\\boxed{}` span and no two text segments are adjacent (they merge).
+    """
+    out = Path(out_dir)
+    (out / image_dir).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, sample in enumerate(samples):
+        try:
+            validate_sample(sample, check_files=True, allow_no_observation=True)
+            rows.append(_sample_to_row(sample, index, out, image_dir))
+        except DataError as err:
+            raise DataError(f"cannot write sample {index}: {err}") from None
+    final = out / name
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(rows, f, ensure_ascii=False, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return final
+
+
+def _sample_to_row(sample: Sample, index: int, out: Path, image_dir: str) -> dict:
+    stem = f"{index:06d}_{_UNSAFE.sub('_', sample.key)[:80]}"
+
+    def save(seg: Segment, tag: str) -> dict:
+        rel = f"{image_dir}/{stem}_{tag}.png"
+        image = seg.load_image()
+        if image.mode != "RGB":
+            image = image.convert("RGB")  # the format is RGB; the reader converts anyway
+        image.save(out / rel, format="PNG")
+        return {"type": "image", "image": rel}
+
+    def check_plain(text: str, what: str) -> str:
+        for reserved in RESERVED_STRINGS:
+            if reserved in text:
+                raise DataError(f"{what} text contains the reserved string {reserved!r}")
+        return text
+
+    user = []
+    for j, seg in enumerate(sample.question):
+        if seg.kind == "image":
+            user.append(save(seg, f"q{j}"))
+        else:
+            user.append({"type": "text", "text": check_plain(seg.text, "question")})
+
+    assistant: list[dict] = []
+    text = ""
+    n_aux = 0
+    for seg in sample.reasoning:
+        if seg.kind == "aux_image":
+            # The placeholder ends the preceding text item, right before the image (§1.2).
+            assistant.append({"type": "text", "text": text + LATENT_PLACEHOLDER})
+            assistant.append(save(seg, f"aux{n_aux}"))
+            n_aux += 1
+            text = ""
+        elif seg.kind == "observation":
+            text += OBS_START + check_plain(seg.text, "observation") + OBS_END
+        else:
+            text += check_plain(seg.text, seg.kind)
+    if text:
+        assistant.append({"type": "text", "text": text})
+
+    metadata: dict[str, Any] = {"dataset_name": sample.dataset_name, "sample_id": sample.sample_id}
+    if sample.choices is not None:
+        metadata["choices"] = list(sample.choices)
+    if sample.category is not None:
+        metadata["category"] = sample.category
+    if sample.meta:
+        metadata["meta"] = sample.meta
+    return {
+        "data": [
+            {"role": "system", "content": [{"type": "text", "text": sample.system}]},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": assistant},
+        ],
+        "metadata": metadata,
+    }
+
+
+__all__ = [
+    "BOXED_INSTRUCTION",
+    "DataError",
+    "DataWarning",
+    "ReadReport",
+    "find_last_boxed",
+    "read_monet_sft",
+    "read_monet_sft_with_report",
+    "validate",
+    "validate_sample",
+    "write_monet_sft",
+]
