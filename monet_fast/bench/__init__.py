@@ -19,6 +19,12 @@ def register(name: str, target: str) -> None:
     REGISTRY[name] = target
 
 
+register("logprob", "monet_fast.bench.logprob:run")
+register("latent-attention", "monet_fast.bench.latent_attention:run")
+register("latent-forward", "monet_fast.bench.latent_forward:run")
+register("train-step", "monet_fast.bench.train_step:run")
+
+
 def run_benchmark(name: str, quick: bool = False) -> BenchReport:
     if name not in REGISTRY:
         raise ValueError(f"unknown benchmark {name!r}; available: {sorted(REGISTRY)}")

@@ -1,0 +1,750 @@
+"""Fused Gaussian log-prob and VLPO latent policy loss (Triton), with plain-torch references.
+
+In VLPO a latent step is a Gaussian action with fixed scale sigma around the policy's hidden
+state mu (width 3584 for Qwen2.5-VL-7B): log p(z) = -||z - mu||^2 / (2 sigma^2). Eager torch
+materialises several full-width temporaries per latent (the difference, its square, their
+gradients), and the Monet reference computes it in bf16, losing precision in the subtraction
+and the 3584-term sum. Here:
+
+* `gaussian_logprob(z, mu, sigma=10.0, include_constant=False)` reads z and mu once in the
+  forward pass and once in the backward pass (which writes dmu and, only when needed, dz),
+  doing the subtraction and the sum in fp32 whatever the input dtypes.
+* `latent_policy_loss(mu, z, old_logp, advantages, mask, ...)` fuses that log-prob with the
+  PPO/GRPO clipped surrogate of EasyR1/verl `compute_policy_loss` (ratio clamp, asymmetric
+  clip, dual clip, mask): one pass over mu and z forward, one backward. It also returns the
+  latent log-prob as a differentiable output, so the trainer's KL term reuses the same
+  backward pass, and per-step ratio / clip indicators for logging.
+
+Both have a torch reference in this file (`*_reference`), which is also what the public
+functions fall back to when Triton cannot run: tensors not on CUDA and TRITON_INTERPRET unset
+(the interpreter must be enabled before this module is imported, because `@triton.jit`
+decides at definition time), or float64 inputs (computed in float64, e.g. for gradcheck).
+
+Layout follows Liger-Kernel's ops files (kernels -> launchers -> autograd.Function).
+Reference semantics: Monet `RL/verl/workers/actor/dp_actor.py::compute_latent_log_probs` and
+`RL/verl/trainer/core_algos.py::compute_policy_loss` (see REFERENCE.md §5.2-5.3).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+# The policy-loss log-ratio is clamped to +-10 before exp, as in the reference (avoids inf/NaN).
+_LOG_RATIO_LIMIT = tl.constexpr(10.0)
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SUPPORTED_DTYPES = _KERNEL_DTYPES + (torch.float64,)
+
+
+@triton.jit
+def _row_sq_dist(
+    Z_ptr,
+    Z_row_stride,
+    Z_col_stride,
+    MU_ptr,
+    MU_row_stride,
+    MU_col_stride,
+    rows,
+    row_mask,
+    n_cols,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """sum_d (z - mu)^2 for BLOCK_ROWS rows, upcasting each tile to fp32 before subtracting.
+
+    The accumulator is a full [BLOCK_ROWS, BLOCK_D] fp32 tile reduced once at the end: each lane
+    sums only ceil(D / BLOCK_D) terms and the final tree reduction keeps the error of a
+    3584-term sum at fp32 level (a running scalar sum would not).
+    """
+    rows64 = rows.to(tl.int64)  # row * stride can pass 2^31 for large strided inputs
+    cols = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_D):
+        c = start + cols
+        m = row_mask[:, None] & (c < n_cols)[None, :]
+        z = tl.load(
+            Z_ptr + rows64[:, None] * Z_row_stride + c[None, :] * Z_col_stride, mask=m, other=0.0
+        )
+        mu = tl.load(
+            MU_ptr + rows64[:, None] * MU_row_stride + c[None, :] * MU_col_stride,
+            mask=m,
+            other=0.0,
+        )
+        d = z.to(tl.float32) - mu.to(tl.float32)
+        acc += d * d
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _gaussian_logprob_forward_kernel(
+    Z_ptr,
+    Z_row_stride,
+    Z_col_stride,
+    MU_ptr,
+    MU_row_stride,
+    MU_col_stride,
+    LOGP_ptr,  # [n_rows] fp32, contiguous
+    n_rows,
+    n_cols,
+    scale,  # -0.5 / sigma^2
+    constant,  # 0, or -D (log sigma + 0.5 log 2 pi) with include_constant
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """logp[r] = -0.5 / sigma^2 * sum_d (z[r, d] - mu[r, d])^2 + constant, in fp32."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < n_rows
+    ssq = _row_sq_dist(
+        Z_ptr,
+        Z_row_stride,
+        Z_col_stride,
+        MU_ptr,
+        MU_row_stride,
+        MU_col_stride,
+        rows,
+        row_mask,
+        n_cols,
+        BLOCK_ROWS,
+        BLOCK_D,
+    )
+    tl.store(LOGP_ptr + rows, ssq * scale + constant, mask=row_mask)
+
+
+@triton.jit
+def _latent_policy_loss_forward_kernel(
+    Z_ptr,
+    Z_row_stride,
+    Z_col_stride,
+    MU_ptr,
+    MU_row_stride,
+    MU_col_stride,
+    OLD_LOGP_ptr,
+    OLD_LOGP_stride,
+    ADV_ptr,
+    ADV_stride,
+    MASK_ptr,
+    MASK_stride,
+    LOSS_ptr,  # [n_rows] fp32 outputs from here on, contiguous
+    LOGP_ptr,
+    RATIO_ptr,
+    DLOSS_DLOGP_ptr,  # d loss / d logp, saved for the backward pass
+    CLIPPED_ptr,  # int8: PPO clip active (reference metric pg_clipfrac_higher)
+    DUAL_CLIPPED_ptr,  # int8: dual clip active (reference metric pg_clipfrac_lower)
+    n_rows,
+    n_cols,
+    scale,  # -0.5 / sigma^2
+    log_ratio_low,  # log(1 - clip_low)
+    log_ratio_high,  # log(1 + clip_high)
+    clip_ratio_dual,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Per latent step: logp, then the clipped surrogate of verl `compute_policy_loss`.
+
+        x       = logp - old_logp
+        r       = exp(clamp(x, -10, 10));         c = exp(clamp(x, log(1-low), log(1+high)))
+        higher  = max(-A r, -A c);                lower = min(higher, -A dual)
+        loss    = mask * (lower if A < 0 else higher)
+
+    d loss / d logp is the derivative autograd takes through that formula: clamp passes the
+    gradient on its closed interval only, max/min send it to the larger/smaller operand and split
+    it in halves on a tie (inside the clip range -A r == -A c exactly, so the halves add up to
+    -A r), `where` routes it to the selected branch. Stored per row for the backward kernel.
+    """
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    ssq = _row_sq_dist(
+        Z_ptr,
+        Z_row_stride,
+        Z_col_stride,
+        MU_ptr,
+        MU_row_stride,
+        MU_col_stride,
+        rows,
+        row_mask,
+        n_cols,
+        BLOCK_ROWS,
+        BLOCK_D,
+    )
+    logp = ssq * scale
+    old = tl.load(OLD_LOGP_ptr + rows64 * OLD_LOGP_stride, mask=row_mask, other=0.0)
+    adv = tl.load(ADV_ptr + rows64 * ADV_stride, mask=row_mask, other=0.0).to(tl.float32)
+    msk = tl.load(MASK_ptr + rows64 * MASK_stride, mask=row_mask, other=0.0).to(tl.float32)
+
+    x = logp - old.to(tl.float32)
+    r = tl.exp(tl.minimum(tl.maximum(x, -_LOG_RATIO_LIMIT), _LOG_RATIO_LIMIT))
+    dr = tl.where((x >= -_LOG_RATIO_LIMIT) & (x <= _LOG_RATIO_LIMIT), r, 0.0)
+    c = tl.exp(tl.minimum(tl.maximum(x, log_ratio_low), log_ratio_high))
+    dc = tl.where((x >= log_ratio_low) & (x <= log_ratio_high), c, 0.0)
+
+    pg1 = -adv * r
+    pg2 = -adv * c
+    higher = tl.maximum(pg1, pg2)
+    d_higher = tl.where(
+        pg1 > pg2, -adv * dr, tl.where(pg1 < pg2, -adv * dc, 0.5 * (-adv * dr) + 0.5 * (-adv * dc))
+    )
+    pg3 = -adv * clip_ratio_dual
+    lower = tl.minimum(higher, pg3)
+    d_lower = tl.where(higher < pg3, d_higher, tl.where(higher > pg3, 0.0, 0.5 * d_higher))
+    neg = adv < 0.0
+    loss = tl.where(neg, lower, higher) * msk
+    dloss = tl.where(neg, d_lower, d_higher) * msk
+
+    tl.store(LOSS_ptr + rows, loss, mask=row_mask)
+    tl.store(LOGP_ptr + rows, logp, mask=row_mask)
+    tl.store(RATIO_ptr + rows, r, mask=row_mask)
+    tl.store(DLOSS_DLOGP_ptr + rows, dloss, mask=row_mask)
+    tl.store(CLIPPED_ptr + rows, (pg1 < pg2).to(tl.int8), mask=row_mask)
+    tl.store(DUAL_CLIPPED_ptr + rows, (neg & (higher > pg3)).to(tl.int8), mask=row_mask)
+
+
+@triton.jit
+def _gaussian_logprob_backward_kernel(
+    Z_ptr,
+    Z_row_stride,
+    Z_col_stride,
+    MU_ptr,
+    MU_row_stride,
+    MU_col_stride,
+    G_ptr,  # [n_rows] upstream gradient of the per-row output
+    G_stride,
+    ROW_SCALE_ptr,  # [n_rows] d output / d logp (policy loss); read only if HAS_ROW_SCALE
+    G2_ptr,  # [n_rows] extra upstream gradient of logp itself; read only if HAS_G2
+    G2_stride,
+    DZ_ptr,  # [n_rows, n_cols] contiguous, z's dtype; written only if COMPUTE_DZ
+    DMU_ptr,  # [n_rows, n_cols] contiguous, mu's dtype; written only if COMPUTE_DMU
+    n_rows,
+    n_cols,
+    inv_var,  # 1 / sigma^2
+    HAS_ROW_SCALE: tl.constexpr,  # mode flag: coefficient = g * row_scale (policy loss)
+    HAS_G2: tl.constexpr,  # mode flag: coefficient += g2 (logp output also used, e.g. KL)
+    COMPUTE_DZ: tl.constexpr,  # mode flag: z requires grad
+    COMPUTE_DMU: tl.constexpr,  # mode flag: mu requires grad
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """d logp / d mu = (z - mu) / sigma^2 and d logp / d z = -(z - mu) / sigma^2, times a per-row
+    coefficient k (k = g for the log-prob, k = g * dloss/dlogp + g_logp for the policy loss).
+
+    Both gradients come from one read of z and mu; the difference is formed in fp32 and rounded
+    once, on the store, to the input's dtype.
+    """
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    k = tl.load(G_ptr + rows64 * G_stride, mask=row_mask, other=0.0).to(tl.float32)
+    if HAS_ROW_SCALE:
+        k = k * tl.load(ROW_SCALE_ptr + rows, mask=row_mask, other=0.0)
+    if HAS_G2:
+        k += tl.load(G2_ptr + rows64 * G2_stride, mask=row_mask, other=0.0).to(tl.float32)
+    k = k * inv_var
+
+    cols = tl.arange(0, BLOCK_D)
+    for start in range(0, n_cols, BLOCK_D):
+        c = start + cols
+        m = row_mask[:, None] & (c < n_cols)[None, :]
+        z = tl.load(
+            Z_ptr + rows64[:, None] * Z_row_stride + c[None, :] * Z_col_stride, mask=m, other=0.0
+        )
+        mu = tl.load(
+            MU_ptr + rows64[:, None] * MU_row_stride + c[None, :] * MU_col_stride,
+            mask=m,
+            other=0.0,
+        )
+        dmu = k[:, None] * (z.to(tl.float32) - mu.to(tl.float32))
+        out_offsets = rows64[:, None] * n_cols + c[None, :]
+        if COMPUTE_DMU:
+            tl.store(DMU_ptr + out_offsets, dmu.to(DMU_ptr.dtype.element_ty), mask=m)
+        if COMPUTE_DZ:
+            tl.store(DZ_ptr + out_offsets, (-dmu).to(DZ_ptr.dtype.element_ty), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: validation, launch configuration, launchers.
+# ----------------------------------------------------------------------------------------------
+
+# Interpreted kernels are InterpretedFunction objects; compiled ones are JITFunction.
+_INTERPRET = not isinstance(_gaussian_logprob_forward_kernel, triton.runtime.jit.JITFunction)
+
+# Elements per program tile. GPU: 4096 keeps ~16 fp32 values per thread at 8 warps (one 3584-wide
+# row per program), enough loads in flight to stream at HBM speed without spilling. Interpreter:
+# its cost grows with programs x loop iterations, not with tile size, so use big tiles there.
+_GPU_TILE = 4096
+_INTERPRET_TILE = 32768
+_MAX_BLOCK_D = 4096
+
+
+def _launch_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_D, num_warps): one row per program for wide rows, row blocks for
+    narrow ones so that a program always moves a useful amount of data."""
+    # 16 is the smallest width that keeps tl.arange / vector loads well-formed for D = 1.
+    block_d = min(max(triton.next_power_of_2(n_cols), 16), _MAX_BLOCK_D)
+    tile = _INTERPRET_TILE if _INTERPRET else _GPU_TILE
+    block_rows = max(1, min(tile // block_d, triton.next_power_of_2(max(n_rows, 1))))
+    elems = block_rows * block_d
+    num_warps = 4 if elems <= 2048 else 8 if elems <= 8192 else 16
+    return block_rows, block_d, num_warps
+
+
+def _use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton kernels can run on these tensors (CUDA, or the CPU interpreter)."""
+    if any(t.dtype not in _KERNEL_DTYPES for t in tensors):
+        return False  # float64: computed by the reference in float64
+    return _INTERPRET or all(t.is_cuda for t in tensors)
+
+
+def _check_sigma(sigma: float) -> float:
+    if isinstance(sigma, torch.Tensor):
+        raise ValueError("sigma must be a Python number (a fixed policy scale), got a Tensor")
+    number = isinstance(sigma, (int, float)) and not isinstance(sigma, bool)
+    if not (number and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+    return float(sigma)
+
+
+def _check_pair(z: torch.Tensor, mu: torch.Tensor) -> None:
+    if z.shape != mu.shape:
+        raise ValueError(
+            f"z and mu must have the same shape [..., D], got {z.shape} and {mu.shape}"
+        )
+    if z.dim() == 0:
+        raise ValueError("z and mu need a last (feature) dimension, got 0-d tensors")
+    if z.device != mu.device:
+        raise ValueError(f"z and mu must be on the same device, got {z.device} and {mu.device}")
+    for name, t in (("z", z), ("mu", mu)):
+        if t.dtype not in _SUPPORTED_DTYPES:
+            allowed = [str(d) for d in _SUPPORTED_DTYPES]
+            raise ValueError(f"{name} dtype must be one of {allowed}, got {t.dtype}")
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [N, D], a view whenever the leading dims can be merged (any strides)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: D may be 0
+
+
+def _log_constant(n_cols: int, sigma: float, include_constant: bool) -> float:
+    return -n_cols * (math.log(sigma) + _LOG_SQRT_2PI) if include_constant else 0.0
+
+
+def gaussian_logprob_forward(
+    z: torch.Tensor, mu: torch.Tensor, sigma: float, include_constant: bool
+) -> torch.Tensor:
+    """Launch the forward kernel on [..., D] inputs; returns fp32 logp of shape [...]."""
+    z2, mu2 = _as_rows(z), _as_rows(mu)
+    n_rows, n_cols = z2.shape
+    constant = _log_constant(n_cols, sigma, include_constant)
+    logp = torch.empty(n_rows, dtype=torch.float32, device=z.device)
+    if n_cols == 0:
+        logp.fill_(constant)
+    elif n_rows > 0:
+        block_rows, block_d, num_warps = _launch_config(n_rows, n_cols)
+        _gaussian_logprob_forward_kernel[(triton.cdiv(n_rows, block_rows),)](
+            z2,
+            z2.stride(0),
+            z2.stride(1),
+            mu2,
+            mu2.stride(0),
+            mu2.stride(1),
+            logp,
+            n_rows,
+            n_cols,
+            -0.5 / (sigma * sigma),
+            constant,
+            BLOCK_ROWS=block_rows,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+    return logp.view(z.shape[:-1])
+
+
+def gaussian_logprob_backward(
+    z: torch.Tensor,
+    mu: torch.Tensor,
+    grad: torch.Tensor,
+    sigma: float,
+    need_dz: bool,
+    need_dmu: bool,
+    row_scale: torch.Tensor | None = None,
+    grad2: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Launch the backward kernel: (dz, dmu) with k = grad [* row_scale] [+ grad2] per row."""
+    z2, mu2 = _as_rows(z), _as_rows(mu)
+    n_rows, n_cols = z2.shape
+    dz = torch.empty(z.shape, dtype=z.dtype, device=z.device) if need_dz else None
+    dmu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device) if need_dmu else None
+    if n_rows == 0 or n_cols == 0 or not (need_dz or need_dmu):
+        return dz, dmu
+    g = grad.reshape(-1)  # the gradient of a .sum() arrives expanded (stride 0): keep it a view
+    g2 = grad2.reshape(-1) if grad2 is not None else g
+    block_rows, block_d, num_warps = _launch_config(n_rows, n_cols)
+    _gaussian_logprob_backward_kernel[(triton.cdiv(n_rows, block_rows),)](
+        z2,
+        z2.stride(0),
+        z2.stride(1),
+        mu2,
+        mu2.stride(0),
+        mu2.stride(1),
+        g,
+        g.stride(0),
+        row_scale if row_scale is not None else g,
+        g2,
+        g2.stride(0),
+        dz if dz is not None else dmu,  # unused pointer when the flag is off
+        dmu if dmu is not None else dz,
+        n_rows,
+        n_cols,
+        1.0 / (sigma * sigma),
+        HAS_ROW_SCALE=row_scale is not None,
+        HAS_G2=grad2 is not None,
+        COMPUTE_DZ=need_dz,
+        COMPUTE_DMU=need_dmu,
+        BLOCK_ROWS=block_rows,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+    )
+    return dz, dmu
+
+
+class GaussianLogProbFunction(torch.autograd.Function):
+    """autograd wrapper: forward and backward kernels; z / mu gradients only where required."""
+
+    @staticmethod
+    def forward(ctx, z, mu, sigma: float, include_constant: bool):
+        ctx.sigma = sigma
+        ctx.save_for_backward(z, mu)
+        return gaussian_logprob_forward(z, mu, sigma, include_constant)
+
+    @staticmethod
+    @once_differentiable  # the kernels' gradients carry no graph: refuse double backward loudly
+    def backward(ctx, grad):
+        z, mu = ctx.saved_tensors
+        dz, dmu = gaussian_logprob_backward(
+            z, mu, grad, ctx.sigma, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        return dz, dmu, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent policy loss.
+# ----------------------------------------------------------------------------------------------
+
+
+class LatentPolicyLossOutput(NamedTuple):
+    """`latent_policy_loss(..., return_stats=True)`; every field has the batch shape [...]."""
+
+    loss: torch.Tensor  # fp32 per-step masked surrogate (differentiable w.r.t. mu, z)
+    logp: torch.Tensor  # fp32 latent log-prob (differentiable; reuse it for the KL term)
+    ratio: torch.Tensor  # fp32 exp(clamp(logp - old_logp, -10, 10)), detached
+    clipped: torch.Tensor  # bool, PPO clip active: -A r < -A clip(r) (pg_clipfrac_higher)
+    dual_clipped: torch.Tensor  # bool, dual clip active for A < 0 (pg_clipfrac_lower)
+
+
+def _check_clip(clip_low: float, clip_high: float, clip_ratio_dual: float) -> None:
+    if not 0.0 <= clip_low < 1.0:
+        raise ValueError(f"clip_low must be in [0, 1), got {clip_low!r}")
+    if not 0.0 <= clip_high < math.inf:
+        raise ValueError(f"clip_high must be a finite number >= 0, got {clip_high!r}")
+    if not clip_ratio_dual > 1.0:
+        raise ValueError(
+            f"clip_ratio_dual must be > 1 (verl's constraint), got {clip_ratio_dual!r}"
+        )
+
+
+def _per_step(name: str, t: torch.Tensor, batch_shape: torch.Size, device) -> torch.Tensor:
+    """Broadcast a per-step tensor (old_logp, advantages, mask) to the batch shape."""
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t, dtype=torch.float32, device=device)
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+    try:
+        return t.detach().expand(batch_shape)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{name} of shape {tuple(t.shape)} does not broadcast to the latent steps' shape "
+            f"{tuple(batch_shape)} (mu.shape[:-1])"
+        ) from err
+
+
+def latent_policy_loss_forward(
+    mu: torch.Tensor,
+    z: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    sigma: float,
+    clip_low: float,
+    clip_high: float,
+    clip_ratio_dual: float,
+) -> tuple[torch.Tensor, ...]:
+    """Launch the fused forward; returns (loss, logp, ratio, dloss_dlogp, clipped, dual_clipped)
+    as flat [N] tensors (per-step inputs already broadcast to mu.shape[:-1])."""
+    z2, mu2 = _as_rows(z), _as_rows(mu)
+    n_rows, n_cols = z2.shape
+    old = old_logp.reshape(-1)
+    adv = advantages.reshape(-1)
+    msk = mask.reshape(-1)
+    if not msk.is_floating_point():
+        msk = msk.to(torch.float32)  # bool / int masks: tiny per-step tensor, convert on host
+    f32 = dict(dtype=torch.float32, device=mu.device)
+    loss, logp, ratio, dloss = (torch.empty(n_rows, **f32) for _ in range(4))
+    clipped, dual = (torch.empty(n_rows, dtype=torch.int8, device=mu.device) for _ in range(2))
+    if n_rows > 0:
+        block_rows, block_d, num_warps = _launch_config(n_rows, max(n_cols, 1))
+        _latent_policy_loss_forward_kernel[(triton.cdiv(n_rows, block_rows),)](
+            z2,
+            z2.stride(0),
+            z2.stride(1),
+            mu2,
+            mu2.stride(0),
+            mu2.stride(1),
+            old,
+            old.stride(0),
+            adv,
+            adv.stride(0),
+            msk,
+            msk.stride(0),
+            loss,
+            logp,
+            ratio,
+            dloss,
+            clipped,
+            dual,
+            n_rows,
+            n_cols,
+            -0.5 / (sigma * sigma),
+            math.log(1.0 - clip_low),
+            math.log(1.0 + clip_high),
+            clip_ratio_dual,
+            BLOCK_ROWS=block_rows,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+    return loss, logp, ratio, dloss, clipped.view(torch.bool), dual.view(torch.bool)
+
+
+class LatentPolicyLossFunction(torch.autograd.Function):
+    """autograd wrapper. Outputs (loss, logp, ratio, clipped, dual_clipped), flat [N]; loss and
+    logp are differentiable and share one backward pass over z and mu."""
+
+    @staticmethod
+    def forward(ctx, mu, z, old_logp, advantages, mask, sigma, clip_low, clip_high, dual):
+        loss, logp, ratio, dloss, clipped, dual_clipped = latent_policy_loss_forward(
+            mu, z, old_logp, advantages, mask, sigma, clip_low, clip_high, dual
+        )
+        ctx.sigma = sigma
+        ctx.save_for_backward(z, mu, dloss)
+        ctx.mark_non_differentiable(ratio, clipped, dual_clipped)
+        ctx.set_materialize_grads(False)
+        return loss, logp, ratio, clipped, dual_clipped
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_loss, g_logp, *_):
+        z, mu, dloss = ctx.saved_tensors
+        need_dmu, need_dz = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if g_loss is None and g_logp is None:
+            return (None,) * 9
+        if g_loss is None:  # only logp was used downstream (e.g. a KL term alone)
+            dz, dmu = gaussian_logprob_backward(z, mu, g_logp, ctx.sigma, need_dz, need_dmu)
+        else:
+            dz, dmu = gaussian_logprob_backward(
+                z, mu, g_loss, ctx.sigma, need_dz, need_dmu, row_scale=dloss, grad2=g_logp
+            )
+        return (dmu, dz) + (None,) * 7
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain-torch references (the definition the kernels are tested against, and the fallback).
+# ----------------------------------------------------------------------------------------------
+
+
+def gaussian_logprob_reference(
+    z: torch.Tensor, mu: torch.Tensor, sigma: float = 10.0, include_constant: bool = False
+) -> torch.Tensor:
+    """-0.5 ||z - mu||^2 / sigma^2 over the last dim, in fp32 (float64 if an input is float64).
+
+    Monet's `compute_latent_log_probs` without its bf16 arithmetic. With include_constant the
+    result equals `torch.distributions.Normal(mu, sigma).log_prob(z).sum(-1)`.
+    """
+    sigma = _check_sigma(sigma)
+    _check_pair(z, mu)
+    acc = torch.promote_types(torch.promote_types(z.dtype, mu.dtype), torch.float32)
+    diff = z.to(acc) - mu.to(acc)
+    logp = diff.square().sum(-1) * (-0.5 / (sigma * sigma))
+    if include_constant:
+        logp = logp + _log_constant(z.shape[-1], sigma, True)
+    return logp
+
+
+def policy_loss_from_logp_reference(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.3,
+    clip_ratio_dual: float = 3.0,
+) -> LatentPolicyLossOutput:
+    """verl/EasyR1 `compute_policy_loss`, per step (no mean), written as the reference writes it
+    so that autograd gives the reference gradients (clamp / max / min / where semantics)."""
+    log_ratio = torch.clamp(logp - old_logp, -10.0, 10.0)
+    ratio = torch.exp(log_ratio)
+    clipped_ratio = torch.exp(
+        torch.clamp(logp - old_logp, math.log(1.0 - clip_low), math.log(1.0 + clip_high))
+    )
+    pg_loss = -advantages * ratio
+    pg_loss2 = -advantages * clipped_ratio
+    pg_loss3 = -advantages * clip_ratio_dual
+    higher = torch.max(pg_loss, pg_loss2)
+    lower = torch.min(higher, pg_loss3)
+    final = torch.where(advantages < 0, lower, higher)
+    loss = final * mask.to(final.dtype)
+    return LatentPolicyLossOutput(
+        loss=loss,
+        logp=logp,
+        ratio=ratio.detach(),
+        clipped=(pg_loss < pg_loss2).detach(),
+        dual_clipped=((higher > pg_loss3) & (advantages < 0)).detach(),
+    )
+
+
+def latent_policy_loss_reference(
+    mu: torch.Tensor,
+    z: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    sigma: float = 10.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.3,
+    *,
+    clip_ratio_dual: float = 3.0,
+    return_stats: bool = False,
+) -> torch.Tensor | LatentPolicyLossOutput:
+    """Unfused reference of `latent_policy_loss` (same signature and outputs)."""
+    _check_clip(clip_low, clip_high, clip_ratio_dual)
+    logp = gaussian_logprob_reference(z, mu, sigma)
+    batch = logp.shape
+    out = policy_loss_from_logp_reference(
+        logp,
+        _per_step("old_logp", old_logp, batch, mu.device).to(logp.dtype),
+        _per_step("advantages", advantages, batch, mu.device).to(logp.dtype),
+        _per_step("mask", mask, batch, mu.device),
+        clip_low,
+        clip_high,
+        clip_ratio_dual,
+    )
+    return out if return_stats else out.loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API.
+# ----------------------------------------------------------------------------------------------
+
+
+def gaussian_logprob(
+    z: torch.Tensor, mu: torch.Tensor, sigma: float = 10.0, include_constant: bool = False
+) -> torch.Tensor:
+    """Log-density of the latent action z under N(mu, sigma^2 I), summed over the last dim.
+
+    Args:
+        z, mu: [..., D] tensors of the same shape, each fp32 / bf16 / fp16 (they may differ);
+            any strides. Differentiable w.r.t. both; gradients come back in the input dtypes.
+        sigma: the fixed policy scale (VLPO uses 10.0); a finite number > 0.
+        include_constant: add -D (log sigma + 0.5 log 2 pi), making the result equal to
+            `Normal(mu, sigma).log_prob(z).sum(-1)`. Off by default, as in Monet's VLPO.
+
+    Returns:
+        fp32 tensor of shape [...]: -0.5 ||z - mu||^2 / sigma^2 (+ constant), the difference and
+        the sum computed in fp32 whatever the input dtypes.
+
+    Runs the Triton kernels on CUDA tensors or under TRITON_INTERPRET=1; otherwise (and for
+    float64 inputs, which are computed in float64) it falls back to `gaussian_logprob_reference`.
+
+    Raises:
+        ValueError: sigma <= 0 or not finite, shape / device mismatch, unsupported dtype.
+    """
+    sigma = _check_sigma(sigma)
+    _check_pair(z, mu)
+    if not _use_triton(z, mu):
+        return gaussian_logprob_reference(z, mu, sigma, include_constant)
+    return GaussianLogProbFunction.apply(z, mu, sigma, bool(include_constant))
+
+
+def latent_policy_loss(
+    mu: torch.Tensor,
+    z: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    sigma: float = 10.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.3,
+    *,
+    clip_ratio_dual: float = 3.0,
+    return_stats: bool = False,
+) -> torch.Tensor | LatentPolicyLossOutput:
+    """Fused VLPO latent-step PPO/GRPO surrogate: Gaussian log-prob + clipped ratio, per step.
+
+    Per latent step (row of mu / z): logp = -0.5 ||z - mu||^2 / sigma^2 (fp32);
+    r = exp(clamp(logp - old_logp, -10, 10)); clipped = clamp(r, 1 - clip_low, 1 + clip_high);
+    pg = max(-A r, -A clipped); for A < 0 pg = min(pg, -A clip_ratio_dual); loss = pg * mask.
+    Reduce it (masked mean over tokens and latents) in the trainer.
+
+    Args:
+        mu: [..., D] policy hidden states (fp32 / bf16 / fp16); gets the gradient.
+        z: [..., D] rollout latents, same shape (may have another dtype); gradient if required.
+        old_logp, advantages, mask: per-step tensors broadcastable to mu.shape[:-1]; treated as
+            constants. mask may be bool, integer or float.
+        sigma: Gaussian policy scale, > 0. clip_low, clip_high: PPO clip (ratio kept in
+            [1 - clip_low, 1 + clip_high]). clip_ratio_dual: dual-clip bound for A < 0, > 1.
+        return_stats: also return logp (differentiable, for the KL term: its gradient joins the
+            same backward pass), ratio and clip indicators as a `LatentPolicyLossOutput`.
+
+    Returns:
+        The fp32 per-step loss of shape mu.shape[:-1], or a `LatentPolicyLossOutput`.
+
+    Gradients equal autograd through `latent_policy_loss_reference`, including zero gradient
+    where a clip is active. Falls back to the reference where Triton cannot run (see
+    `gaussian_logprob`).
+    """
+    sigma = _check_sigma(sigma)
+    _check_clip(clip_low, clip_high, clip_ratio_dual)
+    _check_pair(z, mu)
+    if not _use_triton(z, mu):
+        return latent_policy_loss_reference(
+            mu,
+            z,
+            old_logp,
+            advantages,
+            mask,
+            sigma,
+            clip_low,
+            clip_high,
+            clip_ratio_dual=clip_ratio_dual,
+            return_stats=return_stats,
+        )
+    batch = mu.shape[:-1]
+    loss, logp, ratio, clipped, dual = LatentPolicyLossFunction.apply(
+        mu,
+        z,
+        _per_step("old_logp", old_logp, batch, mu.device),
+        _per_step("advantages", advantages, batch, mu.device),
+        _per_step("mask", mask, batch, mu.device),
+        sigma,
+        float(clip_low),
+        float(clip_high),
+        float(clip_ratio_dual),
+    )
+    if not return_stats:
+        return loss.view(batch)
+    return LatentPolicyLossOutput(
+        loss.view(batch), logp.view(batch), ratio.view(batch), clipped.view(batch), dual.view(batch)
+    )
