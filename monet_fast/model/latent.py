@@ -33,6 +33,7 @@ import torch
 from transformers import DynamicCache
 
 from monet_fast.model import sequence as seq
+from monet_fast.model.attention import ATTN_IMPLEMENTATION
 from monet_fast.model.losses import (
     LatentGate,
     LossConfig,
@@ -229,6 +230,7 @@ def latent_forward(
     latents: list[torch.Tensor] | None = None,
     return_states: bool = False,
     return_logits: bool = False,
+    teacher_layers: list[int] | None = None,
 ) -> LatentForwardOutput:
     """Run a collated batch through the model with latent feedback and compute the stage losses.
 
@@ -239,6 +241,8 @@ def latent_forward(
     latents: optional per-sample [n_slots, hidden] vectors to feed instead of the fed-back
       hidden states (replaying rollouts, interventions).
     return_states: also return all-layer states at observation positions and latent slots.
+    teacher_layers: hidden-state indices the teacher tensors hold (a cached layer subset); the
+      alignment then compares those layers of the student only. None = all layers.
     """
     stage = stage or batch["stage"]
     seq.check_stage(stage)
@@ -258,7 +262,21 @@ def latent_forward(
     mrows = batch.get("masked_rows") if stage == "stage2" else None
     if mrows is not None:
         mrows = _remap_rows(mrows, aligned)
-    mask = _dense_float_mask(mrows, aligned.valid, embeds.dtype).to(device)
+    lm = model.model.language_model
+    if getattr(lm.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
+        # Fast path: the Triton kernel reads the compact description; padding columns come
+        # from the 2-D validity mask. No L x L tensor is built.
+        valid = aligned.valid.to(device, torch.long)
+        mrows = None if mrows is None else mrows.to(device)
+
+        def attention_kwargs(c0: int, c1: int) -> dict:
+            return {"attention_mask": valid[:, :c1], "masked_rows": mrows}
+
+    else:
+        mask = _dense_float_mask(mrows, aligned.valid, embeds.dtype).to(device)
+
+        def attention_kwargs(c0: int, c1: int) -> dict:
+            return {"attention_mask": mask[:, :, c0:c1, :c1]}
 
     # Which new columns need all-layer states: observation positions (stage-2 alignment and
     # teacher targets) and latent slots (stage-3 alignment and targets).
@@ -273,7 +291,6 @@ def latent_forward(
     state_index = {c: i for i, c in enumerate(sorted(state_cols))}
     state_chunks: list[tuple[torch.Tensor, ...]] = []
 
-    lm = model.model.language_model
     cache = DynamicCache(config=lm.config)
     gate_state = {"closed": False}
     step_inputs: list[torch.Tensor] = []  # gated latent inputs, one [B, H] per slot step
@@ -312,7 +329,7 @@ def latent_forward(
         out = lm(
             inputs_embeds=x,
             position_ids=positions[:, :, c0:c1],
-            attention_mask=mask[:, :, c0:c1, :c1],
+            **attention_kwargs(c0, c1),
             cache=cache,
             use_cache=True,
             output_hidden_states=bool(need),
@@ -378,6 +395,8 @@ def latent_forward(
     loss = ce_loss
     if teacher is not None and stage in ("stage2", "stage3"):
         student = obs_states if stage == "stage2" else slot_states
+        if teacher_layers is not None:
+            student = [s[list(teacher_layers)] for s in student]
         for b in range(bsz):
             tgt = teacher[b].to(device)
             if tgt.shape[1] != student[b].shape[1] or tgt.shape[0] != student[b].shape[0]:
