@@ -1,0 +1,429 @@
+"""The evaluation report: `report.json`, `report.md` and PNG plots in one output directory.
+
+`build_report` turns scored items (and optionally latent traces) per intervention into one
+JSON-friendly dict; `write_report` writes it:
+
+* `report.json` -- the dict itself, written atomically (temp file + rename), NaN as null;
+* `report.md` -- intervention | accuracy | 95% CI | Δ vs none | Δ 95% CI | n, then per-category
+  accuracy and the collapse metrics per intervention;
+* `accuracy_by_intervention.png` -- accuracy bars with their bootstrap CIs;
+* `latent_cosine_heatmap.png` -- cosine matrix of the first latents (sample blocks outlined),
+  or a panel saying no latent traces were recorded.
+
+Plots use matplotlib's object API with the Agg canvas (no pyplot, so no global backend switch in
+the caller's process). matplotlib is an optional dependency (`pip install monet_fast[plots]`):
+without it the PNGs are skipped with a warning and the JSON/markdown are still written.
+
+Report schema (`format` = "monet_fast.eval.report/1")::
+
+    {"format", "meta": {...}, "baseline": "none", "alpha", "n_boot", "seed",
+     "interventions": {name: {"accuracy", "ci": [lo, hi], "n", "correct",
+                              "delta_vs_baseline", "delta_ci": [lo, hi], "n_paired",
+                              "by_category": {cat: {"n", "correct", "accuracy"}},
+                              "judge": {"asked", "correct", "errors"} | null,
+                              "collapse": {...collapse_metrics...} | null}},
+     "categories": [...], "heatmap": {"intervention", "labels": [[sample, step]], "matrix"} | null}
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monet_fast.eval.collapse import TraceLike, collapse_metrics, cosine_matrix
+from monet_fast.eval.interventions import INTERVENTIONS
+from monet_fast.eval.scoring import ScoredItem, accuracy_by_category
+from monet_fast.eval.stats import bootstrap_ci, paired_bootstrap_delta
+
+REPORT_FORMAT = "monet_fast.eval.report/1"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+ACCURACY_PNG = "accuracy_by_intervention.png"
+HEATMAP_PNG = "latent_cosine_heatmap.png"
+
+
+def _get(item: ScoredItem | Mapping[str, Any], name: str, default: Any = None) -> Any:
+    if isinstance(item, Mapping):
+        return item.get(name, default)
+    return getattr(item, name, default)
+
+
+def _ordered(names: Sequence[str]) -> list[str]:
+    known = [n for n in INTERVENTIONS if n in names]
+    return known + sorted(n for n in names if n not in INTERVENTIONS)
+
+
+def build_report(
+    items: Mapping[str, Sequence[ScoredItem | Mapping[str, Any]]],
+    traces: Mapping[str, Sequence[TraceLike]] | None = None,
+    *,
+    meta: Mapping[str, Any] | None = None,
+    baseline: str = "none",
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    heatmap_latents: int = 128,
+    heatmap_intervention: str | None = None,
+) -> dict[str, Any]:
+    """Accuracy with bootstrap CIs, paired Δ vs `baseline`, per-category accuracy and collapse
+    metrics for every intervention run.
+
+    Args:
+        items: intervention name -> scored items (`ScoredItem` or dicts with sample_id, correct,
+            category; judge optional).
+        traces: intervention name -> latent traces of that run, one per sample (optional).
+        meta: free-form run description (model, bench, latent size, limit, ...), copied as is.
+        baseline: the run every Δ is measured against; Δs are None without it. Items are paired
+            by sample_id; `n_paired` says how many were common.
+        heatmap_intervention: whose traces the heatmap shows (default: the baseline's if
+            recorded, else the first run with traces).
+    """
+    traces = traces or {}
+    names = _ordered(list(items))
+    base_items = items.get(baseline)
+    base_by_id = (
+        {str(_get(i, "sample_id")): bool(_get(i, "correct")) for i in base_items}
+        if base_items is not None
+        else None
+    )
+    runs: dict[str, Any] = {}
+    categories: set[str] = set()
+    for name in names:
+        run_items = list(items[name])
+        correct = np.array([bool(_get(i, "correct")) for i in run_items], dtype=np.float64)
+        accuracy, ci = bootstrap_ci(correct, n_boot=n_boot, alpha=alpha, seed=seed)
+        groups = accuracy_by_category(
+            {"category": _get(i, "category"), "correct": _get(i, "correct")} for i in run_items
+        )
+        categories.update(groups["by_category"])
+        delta = delta_ci = None
+        n_paired = 0
+        if base_by_id is not None:
+            pairs = [
+                (base_by_id[sid], bool(_get(i, "correct")))
+                for i in run_items
+                if (sid := str(_get(i, "sample_id"))) in base_by_id
+            ]
+            n_paired = len(pairs)
+            if pairs:
+                a, b = np.array(pairs, dtype=np.float64).T
+                d, (lo, hi) = paired_bootstrap_delta(a, b, n_boot=n_boot, alpha=alpha, seed=seed)
+                delta, delta_ci = d, [lo, hi]
+        judged = [_get(i, "judge") for i in run_items if _get(i, "judge") is not None]
+        run_traces = traces.get(name)
+        runs[name] = {
+            "accuracy": accuracy,
+            "ci": list(ci),
+            "n": len(run_items),
+            "correct": int(correct.sum()),
+            "delta_vs_baseline": delta,
+            "delta_ci": delta_ci,
+            "n_paired": n_paired,
+            "by_category": groups["by_category"],
+            "judge": (
+                {
+                    "asked": len(judged),
+                    "correct": judged.count("correct"),
+                    "errors": judged.count("error"),
+                }
+                if judged
+                else None
+            ),
+            "collapse": collapse_metrics(run_traces) if run_traces is not None else None,
+        }
+
+    heatmap = None
+    with_traces = [n for n in names if n in traces and traces[n] is not None]
+    chosen = heatmap_intervention or (baseline if baseline in with_traces else None)
+    chosen = chosen or (with_traces[0] if with_traces else None)
+    if chosen is not None:
+        if chosen not in traces:
+            raise ValueError(f"heatmap_intervention {chosen!r} has no traces; have {with_traces}")
+        matrix, labels = cosine_matrix(traces[chosen], max_latents=heatmap_latents)
+        if labels:
+            heatmap = {
+                "intervention": chosen,
+                "labels": [list(x) for x in labels],
+                # 4 decimals: plenty for a picture, and keeps report.json small.
+                "matrix": np.round(matrix, 4).tolist(),
+            }
+    return {
+        "format": REPORT_FORMAT,
+        "meta": dict(meta or {}),
+        "baseline": baseline,
+        "alpha": alpha,
+        "n_boot": n_boot,
+        "seed": seed,
+        "interventions": runs,
+        "categories": sorted(categories),
+        "heatmap": heatmap,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def to_jsonable(value: Any) -> Any:
+    """`value` with NaN/inf -> None, numpy scalars/arrays and tuples -> Python, Paths -> str
+    (what strict JSON readers accept)."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same directory + os.replace: readers never see a torn file.
+
+    The temp file is created with open(..., "xb") rather than mkstemp so that it gets the usual
+    umask-derived permissions (mkstemp's are 0600).
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.1f}%"
+
+
+def _pp(x: float | None) -> str:
+    return "—" if x is None or not math.isfinite(x) else f"{100 * x:+.1f}"
+
+
+def _interval(ci: Sequence[float | None] | None, signed: bool = False) -> str:
+    if not ci or any(v is None or not math.isfinite(v) for v in ci):
+        return "—"
+    fmt = "{:+.1f}" if signed else "{:.1f}"
+    return f"[{fmt.format(100 * ci[0])}, {fmt.format(100 * ci[1])}]"
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """The markdown summary of a `build_report` dict."""
+    meta = report.get("meta", {})
+    runs: Mapping[str, Any] = report["interventions"]
+    baseline = report.get("baseline", "none")
+    level = round(100 * (1 - report.get("alpha", 0.05)))
+    title = " — ".join(str(meta[k]) for k in ("bench", "model") if meta.get(k))
+    lines = [f"# Evaluation report{': ' + title if title else ''}", ""]
+    if meta:
+        lines += [", ".join(f"{k}: {v}" for k, v in meta.items()), ""]
+    lines += [
+        f"| intervention | accuracy | {level}% CI | Δ vs {baseline} (pp) | Δ {level}% CI | n |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, run in runs.items():
+        lines.append(
+            f"| {name} | {_pct(run['accuracy'])} | {_interval(run['ci'])} | "
+            f"{_pp(run['delta_vs_baseline']) if name != baseline else '—'} | "
+            f"{_interval(run['delta_ci'], signed=True) if name != baseline else '—'} | {run['n']} |"
+        )
+    lines += [
+        "",
+        f"Δ: accuracy minus {baseline}'s on the same items (paired bootstrap, "
+        f"{report.get('n_boot')} resamples). `mask` hides latent slots from later tokens; "
+        "`no-latent` closes every latent block at once.",
+    ]
+    judged = {n: r["judge"] for n, r in runs.items() if r.get("judge")}
+    if judged:
+        lines += ["", "LLM judge (asked only where the rules said wrong):", ""]
+        lines += [
+            f"- {n}: asked {j['asked']}, judged correct {j['correct']}, errors {j['errors']}"
+            for n, j in judged.items()
+        ]
+
+    categories = report.get("categories") or []
+    if categories:
+        lines += ["", "## Accuracy by category", ""]
+        lines += ["| category | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
+        for cat in categories:
+            cells = []
+            for run in runs.values():
+                entry = run["by_category"].get(cat)
+                cells.append(f"{_pct(entry['accuracy'])} ({entry['n']})" if entry else "—")
+            lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+
+    collapsed = {n: r["collapse"] for n, r in runs.items() if r.get("collapse")}
+    if collapsed:
+        lines += [
+            "",
+            "## Latent collapse",
+            "",
+            "| intervention | cos within | cos across (same step) | cos across (all) | "
+            "effective rank | norm mean ± std | latents |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, c in collapsed.items():
+            rank = f"{_num(c['effective_rank'], 2)} / {c['effective_rank_max']}"
+            norm = f"{_num(c['norm_mean'], 2)} ± {_num(c['norm_std'], 2)}"
+            lines.append(
+                f"| {name} | {_num(c['mean_cos_within'])} | {_num(c['mean_cos_across_same_step'])}"
+                f" | {_num(c['mean_cos_across_all'])} | {rank} | {norm} | {c['n_latents']} |"
+            )
+        first = next(iter(collapsed))
+        steps = collapsed[first]["norm_per_step"]
+        if steps:
+            lines += ["", f"Latent L2 norm per step ({first}, mean ± std): "]
+            lines[-1] += ", ".join(
+                f"{s['step']}: {_num(s['mean'], 1)} ± {_num(s['std'], 1)} (n={s['n']})"
+                for s in steps
+            )
+        lines += [
+            "",
+            "Cosines: mean over pairs of latents of one sample (within) or of different samples "
+            "(across); effective rank: Roy & Vetterli 2007 over all latents, out of min(N, H).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _figure_png(fig: Any) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def plot_accuracy(report: Mapping[str, Any]) -> bytes:
+    """PNG bytes: accuracy per intervention (%) with CI error bars, baseline as a dashed line."""
+    from matplotlib.figure import Figure
+
+    runs = report["interventions"]
+    names = list(runs)
+    acc = np.array([_nan(runs[n]["accuracy"]) for n in names]) * 100
+    lo = np.array([_nan((runs[n]["ci"] or [None])[0]) for n in names]) * 100
+    hi = np.array([_nan((runs[n]["ci"] or [None, None])[1]) for n in names]) * 100
+    err = np.nan_to_num(np.stack([acc - lo, hi - acc]), nan=0.0).clip(min=0)
+    fig = Figure(figsize=(max(4.0, 1.1 * len(names) + 1.5), 3.6))
+    ax = fig.add_subplot()
+    baseline = report.get("baseline", "none")
+    colors = ["#4c72b0" if n == baseline else "#dd8452" for n in names]
+    ax.bar(names, np.nan_to_num(acc), yerr=err, capsize=4, color=colors)
+    if baseline in runs and math.isfinite(_nan(runs[baseline]["accuracy"])):
+        ax.axhline(100 * runs[baseline]["accuracy"], color="#4c72b0", ls="--", lw=1)
+    for x, name in enumerate(names):
+        delta = runs[name].get("delta_vs_baseline")
+        if name != baseline and delta is not None and math.isfinite(delta):
+            ax.annotate(f"{100 * delta:+.1f}", (x, 1), ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("accuracy (%)")
+    level = round(100 * (1 - report.get("alpha", 0.05)))
+    meta = report.get("meta", {})
+    ax.set_title(f"{meta.get('bench', '')} accuracy by latent intervention ({level}% CI)".strip())
+    ax.tick_params(axis="x", labelrotation=20)
+    return _figure_png(fig)
+
+
+def _nan(x: Any) -> float:
+    return math.nan if x is None else float(x)
+
+
+def plot_heatmap(report: Mapping[str, Any]) -> bytes:
+    """PNG bytes: the heatmap's cosine matrix with sample boundaries, or a 'no traces' panel."""
+    from matplotlib.figure import Figure
+
+    heatmap = report.get("heatmap")
+    fig = Figure(figsize=(5.6, 4.8))
+    ax = fig.add_subplot()
+    if not heatmap or not heatmap.get("matrix"):
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no latent traces recorded", ha="center", va="center")
+        return _figure_png(fig)
+    matrix = np.array(
+        [[math.nan if v is None else v for v in row] for row in heatmap["matrix"]], dtype=float
+    )
+    image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="cosine")
+    samples = [label[0] for label in heatmap["labels"]]
+    for i in range(1, len(samples)):
+        if samples[i] != samples[i - 1]:  # outline sample blocks: within vs across at a glance
+            ax.axhline(i - 0.5, color="k", lw=0.4)
+            ax.axvline(i - 0.5, color="k", lw=0.4)
+    name = heatmap.get("intervention", "")
+    collapse = (report["interventions"].get(name) or {}).get("collapse") or {}
+    ax.set_title(
+        f"latent cosine ({name}): within {_num(collapse.get('mean_cos_within'), 2)}, "
+        f"across {_num(collapse.get('mean_cos_across_same_step'), 2)}",
+        fontsize=9,
+    )
+    ax.set_xlabel(f"latent (sample-major, {len(set(samples))} samples)")
+    ax.set_ylabel("latent")
+    return _figure_png(fig)
+
+
+def write_report(out_dir: str | os.PathLike, report: Mapping[str, Any]) -> dict[str, Path]:
+    """Write report.json, report.md and the PNG plots into `out_dir` (created if needed).
+
+    Returns {"json", "markdown", "accuracy_plot", "heatmap_plot"} -> paths written (the plots
+    are absent when matplotlib is not installed).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clean = to_jsonable(report)
+    paths = {"json": out / REPORT_JSON, "markdown": out / REPORT_MD}
+    text = json.dumps(clean, indent=1, allow_nan=False, ensure_ascii=False) + "\n"
+    _atomic_write(paths["json"], text.encode("utf-8"))
+    _atomic_write(paths["markdown"], render_markdown(clean).encode("utf-8"))
+    try:
+        import matplotlib  # noqa: F401  (optional dependency)
+    except ImportError:
+        warnings.warn(
+            "matplotlib is not installed (pip install monet_fast[plots]): no PNG plots written",
+            stacklevel=2,
+        )
+        return paths
+    paths["accuracy_plot"] = out / ACCURACY_PNG
+    paths["heatmap_plot"] = out / HEATMAP_PNG
+    _atomic_write(paths["accuracy_plot"], plot_accuracy(clean))
+    _atomic_write(paths["heatmap_plot"], plot_heatmap(clean))
+    return paths
+
+
+__all__ = [
+    "ACCURACY_PNG",
+    "HEATMAP_PNG",
+    "REPORT_FORMAT",
+    "REPORT_JSON",
+    "REPORT_MD",
+    "build_report",
+    "plot_accuracy",
+    "plot_heatmap",
+    "render_markdown",
+    "to_jsonable",
+    "write_report",
+]

@@ -1,0 +1,523 @@
+"""Rule-based scoring of model outputs, per-category accuracy and an optional LLM judge.
+
+A prediction is the decoded response text (special tokens kept). Rules, in order:
+
+* Multiple choice (`sample.choices` set): `extract_choice` reads ONE option letter. A `\\boxed{}`
+  answer is authoritative ("\\boxed{B}", "\\boxed{(b)}", "\\boxed{B. blue}", "\\boxed{blue}");
+  without one, the last explicit phrase ("Answer: B", "the answer is (b)", "Option C is
+  correct"), then a response that is or starts with a letter ("B", "(B) ...", "B. ..."), then a
+  lone "(B)" marker, then a unique option-text mention. Anything ambiguous (two different
+  markers, two options named, a boxed text matching nothing) gives None, which scores wrong.
+  Lower-case letters count only when followed by punctuation or the end of the line, so the
+  article in "the answer is a red car" is not read as option A.
+* Free form: the last `\\boxed{}` content (else the text after the last "answer is"/"Answer:",
+  else the whole response) is compared with the gold answer after `normalize_answer`; two
+  numbers compare numerically.
+
+Latent blocks are reduced to `<abs_vis_token><latent></abs_vis_token>` first
+(`replace_latent_content`, the reference's `replace_abs_vis_token_content`): the placeholder ids
+decoded inside a latent block are meaningless text.
+
+The LLM judge (`OpenAIJudge`) is off by default. When given, it is asked only about items the
+rules scored wrong, through any OpenAI-compatible `/chat/completions` endpoint, with the standard
+library only (no SDK). A judge that keeps failing leaves the rule verdict and marks the item
+`judge="error"`: one flaky request must not end a multi-hour evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import string
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from monet_fast.data.types import Sample
+from monet_fast.model.tokens import ENDOFTEXT, IM_END, LATENT_END, LATENT_START
+
+LETTERS = string.ascii_uppercase
+LATENT_CONTENT = "<latent>"
+UNCATEGORIZED = "uncategorized"
+
+_LATENT_SPAN = re.compile(f"({re.escape(LATENT_START)})(.*?)({re.escape(LATENT_END)})", re.DOTALL)
+_BOXED_OPEN = re.compile(r"\\boxed\s*\{")
+# \text{B}, \textbf{B}, \mathrm{B}, ... -> B (innermost first; applied until nothing changes).
+_LATEX_WRAPPER = re.compile(
+    r"\\(?:text|textbf|textit|textrm|texttt|mathrm|mathbf|mathit|operatorname|mbox)\s*\{([^{}]*)\}"
+)
+# A letter "ends" at punctuation, the end of the line, or "is correct/right/best".
+_LETTER_END = r"(?=\s*(?:[.,;:!?)\]]|$)|\s+is\s+(?:the\s+)?(?:correct|right|best)\b)"
+_ANSWER_PHRASE = re.compile(
+    r"\b(?:final\s+answer|correct\s+answer|best\s+answer|answer|correct\s+option|best\s+option"
+    r"|correct\s+choice|option|choice)\b\s*(?:is|would\s+be|should\s+be|:|=)?\s*[:\-]?\s*"
+    r"(?:option\s*|choice\s*)?\(?([A-Za-z])\)?" + _LETTER_END,
+    re.IGNORECASE | re.MULTILINE,
+)
+# Whole response is one letter ("b", "(B)", "B."), or starts with an upper-case marked letter.
+_ONLY_LETTER = re.compile(r"^\s*\(?([A-Za-z])\)?\s*[.:)]?\s*$")
+_LEADING_LETTER = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])[.:)])(?:\s|$)")
+_PAREN_LETTER = re.compile(r"\(([A-Z])\)")
+# Boxed content forms: "B", "(b)", "B.", "option B", "B. blue", "(B) blue".
+_FRAGMENT_LETTER = re.compile(r"^(?:option|choice)?\s*\(?([A-Za-z])\)?\s*[.:)]?$", re.IGNORECASE)
+_FRAGMENT_LEADING = re.compile(r"^(?:\(([A-Za-z])\)|([A-Z])[.:)])\s*\S")
+_FREEFORM_PHRASE = re.compile(
+    r"(?:answer\s+is|answer\s*:|answer\s*=)\s*(.+?)\s*(?:$|\n)", re.IGNORECASE
+)
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+# Punctuation to drop, except a decimal point between digits and a minus sign before a number.
+_PUNCT = re.compile(r"(?!(?<=\d)\.(?=\d))(?!(?<![\w.])-(?=\d))[^\w\s]")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+# --------------------------------------------------------------------------------------------
+# Text clean-up and extraction
+# --------------------------------------------------------------------------------------------
+
+
+def replace_latent_content(text: str) -> str:
+    """Replace what lies inside each latent block by "<latent>" (reference post-processing).
+
+    "a<abs_vis_token>xyz</abs_vis_token>b" -> "a<abs_vis_token><latent></abs_vis_token>b".
+    """
+    return _LATENT_SPAN.sub(lambda m: m.group(1) + LATENT_CONTENT + m.group(3), text)
+
+
+def clean_prediction(text: str) -> str:
+    """Response text as the rules read it: latent blocks emptied, end tokens and markdown bold
+    removed, surrounding whitespace stripped."""
+    text = replace_latent_content(text)
+    for token in (IM_END, ENDOFTEXT):
+        text = text.replace(token, "")
+    return text.replace("**", "").strip()
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last complete top-level `\\boxed{...}` (braces balanced), stripped.
+
+    Unlike `monet_fast.data.reader.find_last_boxed`, which rejects malformed training data, an
+    unclosed box (a response cut at max_new_tokens) is skipped rather than an error, and an
+    earlier complete one is still returned. Nested boxes return the outer content.
+    """
+    last = None
+    pos = 0
+    while (match := _BOXED_OPEN.search(text, pos)) is not None:
+        depth, close = 0, -1
+        for i in range(match.end() - 1, len(text)):  # from the opening brace
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                depth -= 1
+                if depth == 0:
+                    close = i
+                    break
+        if close == -1:
+            pos = match.end()  # unclosed: a later, complete box may still follow inside it
+            continue
+        last = text[match.end() : close].strip()
+        pos = close + 1
+    return last
+
+
+def _strip_latex(text: str) -> str:
+    previous = None
+    while previous != text:
+        previous, text = text, _LATEX_WRAPPER.sub(r"\1", text)
+    return text.replace("$", "")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-cased, LaTeX text wrappers and `\\boxed{}` unwrapped, punctuation and the articles
+    a/an/the removed, whitespace collapsed (SQuAD-style), keeping decimal points, leading minus
+    signs and dropping thousands separators so that numbers survive: "The \\text{Red} car." ->
+    "red car", "1,000.50" -> "1000.50", "-3" -> "-3".
+    """
+    boxed = extract_boxed(text)
+    if boxed is not None and text.strip().startswith("\\boxed"):
+        text = boxed
+    text = _strip_latex(text).lower()
+    text = _THOUSANDS.sub("", text)
+    text = _PUNCT.sub(" ", text)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def _valid(letter: str | None, n_choices: int) -> str | None:
+    if letter is None:
+        return None
+    letter = letter.upper()
+    return letter if letter in LETTERS[:n_choices] else None
+
+
+def _match_option_text(text: str, choices: Sequence[str] | None) -> str | None:
+    """The letter of the only option whose (normalised) text occurs in `text` as whole words."""
+    if not choices:
+        return None
+    haystack = normalize_answer(text)
+    found = {}
+    for k, choice in enumerate(choices):
+        needle = normalize_answer(choice)
+        if needle and re.search(rf"(?<!\w){re.escape(needle)}(?!\w)", haystack):
+            found[k] = needle
+    # "light blue" mentioned also matches option "blue": keep the most specific options only.
+    specific = [k for k, n in found.items() if not any(n != m and n in m for m in found.values())]
+    return LETTERS[specific[0]] if len(specific) == 1 else None
+
+
+def _letter_from_fragment(
+    fragment: str, n_choices: int, choices: Sequence[str] | None
+) -> str | None:
+    """A letter from a short final answer (boxed content): "B", "(b)", "B. blue", "blue"."""
+    fragment = _strip_latex(fragment).strip()
+    if (m := _FRAGMENT_LETTER.match(fragment)) is not None:
+        return _valid(m.group(1), n_choices)
+    if (m := _FRAGMENT_LEADING.match(fragment)) is not None:
+        return _valid(m.group(1) or m.group(2), n_choices)
+    if choices:
+        target = normalize_answer(fragment)
+        exact = [k for k, c in enumerate(choices) if target and normalize_answer(c) == target]
+        if len(exact) == 1:
+            return LETTERS[exact[0]]
+        return _match_option_text(fragment, choices)
+    return None
+
+
+def extract_choice(text: str, n_choices: int, choices: Sequence[str] | None = None) -> str | None:
+    """The option letter ("A".."Z") a response commits to, or None if absent or ambiguous.
+
+    Args:
+        text: the response (latent blocks and special tokens are handled here).
+        n_choices: number of options; letters past it are ignored.
+        choices: the option texts, enabling answers given as option text ("\\boxed{blue}").
+    """
+    if not 1 <= n_choices <= len(LETTERS):
+        raise ValueError(f"n_choices must be in [1, {len(LETTERS)}], got {n_choices}")
+    if choices is not None and len(choices) != n_choices:
+        raise ValueError(f"got {len(choices)} choices for n_choices={n_choices}")
+    text = clean_prediction(text)
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        # The boxed answer is the model's final answer; never fish elsewhere when it is unusable.
+        return _letter_from_fragment(boxed, n_choices, choices)
+    for m in reversed(list(_ANSWER_PHRASE.finditer(text))):
+        if (letter := _valid(m.group(1), n_choices)) is not None:
+            return letter
+    if (m := _ONLY_LETTER.match(text)) is not None:
+        return _valid(m.group(1), n_choices)
+    if (m := _LEADING_LETTER.match(text)) is not None:
+        # An out-of-range leading letter ("I. First, ...") is not an answer: keep looking.
+        if (letter := _valid(m.group(1) or m.group(2), n_choices)) is not None:
+            return letter
+    marked = {_valid(m.group(1), n_choices) for m in _PAREN_LETTER.finditer(text)} - {None}
+    if len(marked) == 1:
+        return marked.pop()
+    if len(marked) > 1:
+        return None
+    return _match_option_text(text, choices)
+
+
+def extract_answer_text(text: str) -> str:
+    """The final free-form answer: last boxed content, else the text after the last
+    "answer is"/"Answer:", else the whole cleaned response."""
+    text = clean_prediction(text)
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        return boxed
+    phrases = list(_FREEFORM_PHRASE.finditer(text))
+    return phrases[-1].group(1) if phrases else text
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def answers_match(prediction: str, gold: str) -> bool:
+    """Normalised exact match, or numeric equality (rel. 1e-6) when both sides are numbers."""
+    pred, ref = normalize_answer(prediction), normalize_answer(gold)
+    if not pred or not ref:
+        return False
+    if pred == ref:
+        return True
+    a, b = _as_number(pred), _as_number(ref)
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+
+
+def gold_letter(sample: Sample) -> str:
+    """The gold option letter of a multiple-choice sample (answer given as letter or option text)."""
+    assert sample.choices, "gold_letter needs a multiple-choice sample"
+    answer = sample.answer.strip()
+    letter = _letter_from_fragment(answer, len(sample.choices), sample.choices)
+    if letter is None:
+        raise ValueError(
+            f"sample {sample.sample_id!r}: answer {sample.answer!r} is neither an option letter "
+            f"nor one of the options {sample.choices}"
+        )
+    return letter
+
+
+def score(prediction_text: str, sample: Sample) -> bool:
+    """Rule verdict: multiple-choice letter match when `sample.choices`, else boxed/normalised
+    exact match against `sample.answer`."""
+    if sample.choices:
+        n = len(sample.choices)
+        return extract_choice(prediction_text, n, sample.choices) == gold_letter(sample)
+    return answers_match(extract_answer_text(prediction_text), sample.answer)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-item records and accuracy
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoredItem:
+    """One scored prediction. `correct` is the final verdict (rules, then judge if asked)."""
+
+    sample_id: str
+    correct: bool
+    category: str | None = None
+    prediction: str = ""
+    extracted: str | None = None  # the letter / answer text the rules read
+    gold: str = ""
+    rule_correct: bool = False
+    judge: str | None = None  # None: not asked; "correct", "wrong" or "error"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def question_text(sample: Sample) -> str:
+    """The text segments of a sample's question, joined (what a judge is shown)."""
+    return "\n".join(s.text for s in sample.question if s.kind == "text").strip()
+
+
+def score_item(
+    prediction_text: str, sample: Sample, judge: OpenAIJudge | None = None
+) -> ScoredItem:
+    """Score one prediction; the judge (if any) is asked only when the rules say wrong."""
+    if sample.choices:
+        extracted = extract_choice(prediction_text, len(sample.choices), sample.choices)
+        gold = gold_letter(sample)
+        rule_ok = extracted == gold
+    else:
+        extracted = extract_answer_text(prediction_text)
+        gold = sample.answer
+        rule_ok = answers_match(extracted, gold)
+    item = ScoredItem(
+        sample_id=sample.sample_id,
+        correct=rule_ok,
+        category=sample.category,
+        prediction=prediction_text,
+        extracted=extracted,
+        gold=gold,
+        rule_correct=rule_ok,
+    )
+    if judge is not None and not rule_ok:
+        gold_text = gold
+        if sample.choices:
+            gold_text = f"{gold}. {sample.choices[LETTERS.index(gold)]}"
+        try:
+            verdict = judge(question_text(sample), clean_prediction(prediction_text), gold_text)
+        except JudgeError:
+            item.judge = "error"
+        else:
+            item.judge = "correct" if verdict else "wrong"
+            item.correct = verdict
+    return item
+
+
+def score_predictions(
+    predictions: Sequence[str], samples: Sequence[Sample], judge: OpenAIJudge | None = None
+) -> list[ScoredItem]:
+    """`score_item` over aligned predictions and samples."""
+    if len(predictions) != len(samples):
+        raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
+    return [score_item(p, s, judge) for p, s in zip(predictions, samples)]
+
+
+def _field(record: ScoredItem | Mapping[str, Any], name: str) -> Any:
+    return record[name] if isinstance(record, Mapping) else getattr(record, name)
+
+
+def accuracy_by_category(
+    records: Iterable[ScoredItem | Mapping[str, Any]],
+) -> dict[str, Any]:
+    """Overall and per-category accuracy of records with `category` and `correct`.
+
+    Returns {"overall": {"n", "correct", "accuracy"}, "by_category": {category: {...}}}, with
+    categories sorted and a missing category counted as "uncategorized". Accuracy of an empty
+    group is NaN.
+    """
+    totals: dict[str, list[int]] = {}
+    n = correct = 0
+    for record in records:
+        ok = bool(_field(record, "correct"))
+        category = _field(record, "category")
+        key = UNCATEGORIZED if category is None else str(category)
+        bucket = totals.setdefault(key, [0, 0])
+        bucket[0] += 1
+        bucket[1] += ok
+        n += 1
+        correct += ok
+
+    def entry(total: int, good: int) -> dict[str, Any]:
+        return {"n": total, "correct": good, "accuracy": good / total if total else math.nan}
+
+    return {
+        "overall": entry(n, correct),
+        "by_category": {k: entry(*totals[k]) for k in sorted(totals)},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Optional LLM judge
+# --------------------------------------------------------------------------------------------
+
+JUDGE_PROMPT = (
+    "You are grading an answer to a visual question. Decide whether the model's final answer "
+    "means the same as the reference answer; ignore the reasoning, formatting and letter-vs-text "
+    "differences.\n\nQuestion:\n{question}\n\nReference answer: {gold}\n\nModel response:\n"
+    "{prediction}\n\nReply with exactly one word: yes or no."
+)
+_YES = {"yes", "correct", "true", "1", "right"}
+_NO = {"no", "incorrect", "false", "0", "wrong"}
+_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class JudgeError(RuntimeError):
+    """The judge gave no usable verdict (after retries, or a non-retryable HTTP error)."""
+
+
+class OpenAIJudge:
+    """Yes/no answer-equivalence judge over an OpenAI-compatible chat-completions endpoint.
+
+    Args:
+        base_url: e.g. "http://localhost:8000/v1" (the request goes to base_url + "/chat/completions").
+        model: the served model name.
+        api_key_env: environment variable holding the API key; sent as a Bearer token when set
+            (the key itself is never stored on the object or logged). None sends no header.
+        timeout: seconds per request.
+        retries: extra attempts after a timeout, connection error or HTTP 408/409/425/429/5xx.
+        backoff: seconds before the first retry, doubled each time.
+        temperature, max_tokens: sampling of the verdict.
+        prompt: template with {question}, {gold} and {prediction}.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        timeout: float = 30.0,
+        retries: int = 2,
+        backoff: float = 1.0,
+        temperature: float = 0.0,
+        max_tokens: int = 8,
+        prompt: str = JUDGE_PROMPT,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        if timeout <= 0 or retries < 0 or backoff < 0:
+            raise ValueError(
+                f"need timeout > 0, retries >= 0, backoff >= 0; got {timeout}, {retries}, {backoff}"
+            )
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key_env = api_key_env
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.prompt = prompt
+        self.n_requests = 0  # attempts made, for the report
+
+    def __repr__(self) -> str:
+        return f"OpenAIJudge(url={self.url!r}, model={self.model!r}, retries={self.retries})"
+
+    def __call__(self, question: str, prediction: str, gold: str) -> bool:
+        """True if the judge says the prediction matches `gold`; raises JudgeError otherwise."""
+        content = self.prompt.format(question=question, gold=gold, prediction=prediction)
+        reply = self._complete(content)
+        word = (
+            reply.strip().split(maxsplit=1)[0].strip(string.punctuation).lower()
+            if reply.strip()
+            else ""
+        )
+        if word in _YES:
+            return True
+        if word in _NO:
+            return False
+        raise JudgeError(f"judge reply is neither yes nor no: {reply[:80]!r}")
+
+    def _complete(self, content: str) -> str:
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": [{"role": "user", "content": content}],
+                "temperature": self.temperature,
+                "max_tokens": self.max_tokens,
+            }
+        ).encode()
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        last_error = "no attempt made"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            self.n_requests += 1
+            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    payload = json.loads(response.read().decode("utf-8"))
+            except urllib.error.HTTPError as err:
+                last_error = f"HTTP {err.code} {err.reason}"
+                if err.code not in _RETRY_STATUS:
+                    raise JudgeError(f"{self.url}: {last_error} (not retried)") from None
+                continue
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+                # socket timeouts surface as TimeoutError or URLError(reason=timeout).
+                last_error = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+                continue
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise JudgeError(f"{self.url}: response is not JSON ({err})") from None
+            try:
+                return str(payload["choices"][0]["message"]["content"])
+            except (KeyError, IndexError, TypeError):
+                raise JudgeError(
+                    f"{self.url}: no choices[0].message.content in {str(payload)[:120]}"
+                ) from None
+        raise JudgeError(f"{self.url}: gave up after {self.retries + 1} attempts ({last_error})")
+
+
+__all__ = [
+    "JUDGE_PROMPT",
+    "JudgeError",
+    "OpenAIJudge",
+    "ScoredItem",
+    "accuracy_by_category",
+    "answers_match",
+    "clean_prediction",
+    "extract_answer_text",
+    "extract_boxed",
+    "extract_choice",
+    "gold_letter",
+    "normalize_answer",
+    "question_text",
+    "replace_latent_content",
+    "score",
+    "score_item",
+    "score_predictions",
+]
