@@ -22,6 +22,7 @@ def register(name: str, target: str) -> None:
 register("logprob", "monet_fast.bench.logprob:run")
 register("latent-attention", "monet_fast.bench.latent_attention:run")
 register("latent-forward", "monet_fast.bench.latent_forward:run")
+register("latent-decode", "monet_fast.bench.latent_decode:run")
 register("train-step", "monet_fast.bench.train_step:run")
 
 

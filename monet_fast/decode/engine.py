@@ -1,0 +1,787 @@
+"""Batched latent-feedback decoding on the stock transformers Qwen2.5-VL: `generate()`.
+
+Every sequence of a batch independently alternates between text steps and latent steps. A text
+step samples a token from the LM head; a latent step feeds the final post-RMSNorm hidden state of
+the previous position back as the next input embedding (REFERENCE.md §7.1) and samples nothing
+that matters. Two layouts (a saved config field, `monet_fast.model.config`):
+
+  sft         `<abs_vis_token>` keeps its embedding; K slots take the hidden state of the
+              position before them; then `</abs_vis_token>` is forced. Emitted:
+              S, PAD x K, E. No LM head output is used inside the block.
+  monet_vllm  the released Monet-7B's vLLM runner (REFERENCE.md §6, oracle 13): once START is
+              sampled, START's own input row is the hidden state that predicted it, each following
+              row the previous hidden state; when K rows were overwritten the next sampled token is
+              replaced by END; a sampled END closes early. Emitted: S, PAD x (K-1), E (the
+              sampled placeholders are recorded as PAD).
+
+One decode step = model forward of one token per row on a static KV cache -> LM head -> sampling
+-> `_ops.latent_step` (C++/CUDA: state machine + selection of the next input embedding). All state
+is on the device; the host looks at it only every `check_every` steps (finished rows, stop
+strings, streaming, draining the latent trace). On CUDA the step is captured once per batch
+bucket in a CUDA graph and replayed (`graphs.py`); on CPU it runs eagerly.
+
+Positions: a row's decoded tokens (text and latent alike) are ordinary text positions for mRoPE:
+max prompt position + 1 + i on all three axes. Left padding stays masked by a per-row additive
+mask that gains one visible column per step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from monet_fast import _ops
+from monet_fast.decode.inputs import PreparedBatch, prepare_batch
+from monet_fast.decode.state import DecodeBuffers
+from monet_fast.model.config import LATENT_LAYOUTS, LatentConfig, get_latent_config
+from monet_fast.model.latent import embed_inputs
+from monet_fast.model.sequence import rope_position_ids
+
+# logits [B, V] float32, per-row index of the token being sampled in the row's output
+# ([B] int64; -1 for the forced START of a prompt that ends with it) -> logits. Must not sync
+# with the host when CUDA graphs are used (it is captured with the step).
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (row, new token ids) called at every host check with the tokens produced since the last one.
+Streamer = Callable[[int, list[int]], None]
+
+NO_BLOCK_CAP = 2**31 - 1
+DEFAULT_CHECK_EVERY = 8
+_GRAPH_LEN_MULTIPLE = 256
+
+
+@dataclass
+class GenerateOutput:
+    """What `generate` returns, one entry per input, in input order.
+
+    sequences: generated ids [n] int64 (EOS included when it stopped on one); a fed-back latent
+        step appears as the `<abs_vis_token_pad>` id.
+    texts: the sequences decoded with special tokens (latent blocks visible), final EOS removed.
+    latents: with return_latents, [n_blocks, K, hidden] per input: every vector fed back, block by
+        block; a block closed early (monet_vllm END) or cut by a stop is zero-padded, see
+        latent_counts.
+    latent_counts: with return_latents, the number of vectors in each block.
+    finish_reasons: "eos", "stop" (stop string) or "length" (max_new_tokens).
+    """
+
+    sequences: list[torch.Tensor]
+    texts: list[str]
+    latents: list[torch.Tensor] | None = None
+    latent_counts: list[list[int]] | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """The resolved, validated settings of one generate() call."""
+
+    max_new_tokens: int
+    latent_size: int
+    layout: str
+    start_id: int
+    end_id: int
+    slot_id: int
+    fill_id: int
+    eos_ids: tuple[int, ...]
+    max_blocks: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    seed: int | None
+    return_latents: bool
+    stop_strings: tuple[str, ...]
+    check_every: int
+    use_cuda_graphs: bool
+
+
+def _as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def resolve_config(
+    model,
+    processor,
+    *,
+    max_new_tokens: int,
+    latent_size: int | None = None,
+    latent_layout: str | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    return_latents: bool = False,
+    max_latent_blocks: int | None = None,
+    stop_strings: Sequence[str] | str | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    check_every: int = DEFAULT_CHECK_EVERY,
+    use_cuda_graphs: bool = True,
+) -> DecodeConfig:
+    """Validate the generate() arguments up front and fill defaults from the model config."""
+    if (
+        not isinstance(max_new_tokens, int)
+        or isinstance(max_new_tokens, bool)
+        or max_new_tokens < 1
+    ):
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    saved = get_latent_config(model)
+    if (
+        saved.latent_start_id is None
+        or saved.latent_end_id is None
+        or saved.latent_token_id is None
+    ):
+        saved = LatentConfig.from_tokenizer(
+            processor.tokenizer, latent_size=saved.latent_size, latent_layout=saved.latent_layout
+        )
+    k = saved.latent_size if latent_size is None else latent_size
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"latent_size must be an int >= 1, got {latent_size!r}")
+    layout = saved.latent_layout if latent_layout is None else latent_layout
+    if layout not in LATENT_LAYOUTS:
+        raise ValueError(f"latent_layout must be one of {list(LATENT_LAYOUTS)}, got {layout!r}")
+    if max_latent_blocks is None:
+        max_blocks = NO_BLOCK_CAP
+    elif isinstance(max_latent_blocks, int) and max_latent_blocks >= 0:
+        max_blocks = max_latent_blocks
+    else:
+        raise ValueError(
+            f"max_latent_blocks must be None or an int >= 0, got {max_latent_blocks!r}"
+        )
+    if do_sample:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    stops = tuple(stop_strings or ())
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise ValueError(f"stop_strings must be non-empty strings, got {stops!r}")
+
+    tokenizer = processor.tokenizer
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = _as_id_list(eos_token_id)
+    if not eos:
+        eos = _as_id_list(getattr(gen_cfg, "eos_token_id", None)) or _as_id_list(
+            tokenizer.eos_token_id
+        )
+    if not eos:
+        raise ValueError(
+            "no EOS token id: pass eos_token_id= or set generation_config.eos_token_id"
+        )
+    pad = getattr(gen_cfg, "pad_token_id", None)
+    if pad is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    return DecodeConfig(
+        max_new_tokens=max_new_tokens,
+        latent_size=k,
+        layout=layout,
+        start_id=saved.latent_start_id,
+        end_id=saved.latent_end_id,
+        slot_id=saved.latent_token_id,
+        fill_id=int(pad),
+        eos_ids=tuple(eos),
+        max_blocks=max_blocks,
+        do_sample=bool(do_sample),
+        temperature=float(temperature),
+        top_p=float(top_p),
+        seed=seed,
+        return_latents=bool(return_latents),
+        stop_strings=stops,
+        check_every=check_every,
+        use_cuda_graphs=bool(use_cuda_graphs),
+    )
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    do_sample: bool,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Greedy argmax, or temperature + top-p sampling; [B, V] float32 -> [B] int64.
+
+    Sampling uses the exponential-race form of multinomial (argmax of p / q with q ~ Exp(1)),
+    which needs no host sync and is capturable in a CUDA graph. top-p keeps the smallest set of
+    tokens whose probability reaches top_p (as transformers' TopPLogitsWarper, min 1 token);
+    None skips it. temperature and top_p are 0-d tensors so a captured graph can be reused with
+    other values.
+    """
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1.0 - top_p)
+        drop[:, -1] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def batch_bucket(batch: int) -> int:
+    """Batch size a CUDA graph is captured for: powers of two up to 256, then multiples of 64."""
+    for size in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        if batch <= size:
+            return size
+    return _round_up(batch, 64)
+
+
+@dataclass
+class _Runner:
+    """Buffers (and, on CUDA, a captured step) for one bucket configuration."""
+
+    bufs: DecodeBuffers
+    generator: torch.Generator | None
+    graph: object | None = None
+
+
+def cache_kwarg(language_model) -> str:
+    """Name of the KV-cache argument: `cache` in transformers 5.24, `past_key_values` in 5.17."""
+    params = inspect.signature(language_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class LatentDecoder:
+    """The decoding engine for one model: holds the step function and its captured graphs.
+
+    `generate()` keeps one decoder per model, so CUDA graphs are captured once per batch bucket
+    and configuration and reused by later calls (`max_cached_graphs` most recent ones).
+    """
+
+    def __init__(
+        self, model, processor, max_cached_graphs: int = 2, emulate_graphs: bool = False
+    ) -> None:
+        """emulate_graphs: take the CUDA-graph path (bucketed static buffers reused across calls,
+        full-cache attention, device-side counters) but run the step eagerly instead of
+        replaying a graph — for testing that path without a GPU."""
+        self.model = model
+        self.emulate_graphs = emulate_graphs
+        self.processor = processor
+        self.lm = model.model.language_model
+        self.lm_head = model.lm_head
+        self.embed_weight = model.get_input_embeddings().weight
+        self._cache_kw = cache_kwarg(self.lm.layers[0])
+        layer_types = set(getattr(self.lm.config, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"}:
+            raise ValueError(
+                f"monet_fast.decode supports full-attention layers only, got {sorted(layer_types)}"
+            )
+        self.max_cached_graphs = max_cached_graphs
+        self._graphs: OrderedDict[tuple, _Runner] = OrderedDict()
+
+    # ------------------------------------------------------------------ public
+
+    def generate(
+        self,
+        inputs: list,
+        *,
+        max_new_tokens: int,
+        logits_processor: LogitsProcessor | None = None,
+        streamer: Streamer | None = None,
+        **options,
+    ) -> GenerateOutput:
+        """See `monet_fast.decode.generate`."""
+        cfg = resolve_config(self.model, self.processor, max_new_tokens=max_new_tokens, **options)
+        batch = prepare_batch(self.processor, inputs)
+        if cfg.max_blocks == 0 and any(batch.forced_start):
+            raise ValueError(
+                "a prompt ends with <abs_vis_token> (starts a latent block) but max_latent_blocks=0"
+            )
+        with torch.inference_mode():
+            return self._generate(batch, cfg, logits_processor, streamer)
+
+    # --------------------------------------------------------------- internals
+
+    def _use_graphs(self, cfg: DecodeConfig) -> bool:
+        return cfg.use_cuda_graphs and (self.model.device.type == "cuda" or self.emulate_graphs)
+
+    def _runner(self, cfg: DecodeConfig, batch: int, need_len: int, processor) -> _Runner:
+        ring = cfg.check_every + 1 if cfg.return_latents else None
+        device = self.model.device
+        if not self._use_graphs(cfg):
+            bufs = DecodeBuffers.allocate(self.model, batch, need_len, list(cfg.eos_ids), ring)
+            gen = None
+            if cfg.do_sample and cfg.seed is not None:
+                gen = torch.Generator(device=device).manual_seed(cfg.seed)
+            return _Runner(bufs=bufs, generator=gen)
+
+        from monet_fast.decode.graphs import EagerStep, capture_decode_step, make_graph_generator
+
+        bucket = batch_bucket(batch)
+        max_len = _round_up(need_len, _GRAPH_LEN_MULTIPLE)
+        # Everything baked into the captured kernels is part of the key.
+        key = (
+            bucket,
+            max_len,
+            ring,
+            cfg.do_sample,
+            cfg.top_p < 1.0,
+            cfg.layout,
+            cfg.latent_size,
+            cfg.start_id,
+            cfg.end_id,
+            cfg.slot_id,
+            cfg.fill_id,
+            cfg.eos_ids,
+            cfg.max_blocks,
+            id(processor) if processor is not None else None,
+        )
+        runner = self._graphs.get(key)
+        if runner is None:
+            while len(self._graphs) >= self.max_cached_graphs:
+                self._graphs.popitem(last=False)  # free the oldest graph and its KV cache
+            bufs = DecodeBuffers.allocate(self.model, bucket, max_len, list(cfg.eos_ids), ring)
+            gen = make_graph_generator(device) if cfg.do_sample else None
+            runner = _Runner(bufs=bufs, generator=gen)
+
+            def step() -> None:
+                self._decode_step(runner.bufs, cfg, processor, runner.generator, None)
+
+            if device.type == "cuda":
+                runner.graph = capture_decode_step(step, generator=gen)
+            else:  # emulate_graphs
+                runner.graph = EagerStep(step)
+            self._graphs[key] = runner
+        else:
+            self._graphs.move_to_end(key)
+        if cfg.do_sample:
+            seed = cfg.seed if cfg.seed is not None else int(torch.randint(2**62, ()).item())
+            if runner.generator is not None:
+                runner.generator.manual_seed(seed)
+            elif device.type == "cuda":  # this torch cannot register a private generator
+                torch.cuda.manual_seed(seed)
+            else:
+                runner.generator = torch.Generator(device=device).manual_seed(seed)
+        return runner
+
+    def _generate(
+        self,
+        batch: PreparedBatch,
+        cfg: DecodeConfig,
+        processor: LogitsProcessor | None,
+        streamer: Streamer | None,
+    ) -> GenerateOutput:
+        n_rows, prompt_len = batch.input_ids.shape
+        offsets = [1 if f else 0 for f in batch.forced_start]
+        # Emissions: max_new_tokens output tokens, plus the forced START some rows do not output.
+        n_emit = cfg.max_new_tokens + max(offsets)
+        runner = self._runner(cfg, n_rows, prompt_len + n_emit, processor)
+        bufs = runner.bufs
+        self._prefill(bufs, batch, cfg, offsets, processor, runner.generator)
+
+        host = _HostView(self, bufs, cfg, n_rows, offsets, streamer)
+        last = 0  # index of the newest emission
+        # The host looks at the device state only here, every check_every steps.
+        while not host.check(last) and last < n_emit - 1:
+            n = min(cfg.check_every, n_emit - 1 - last)
+            for i in range(n):
+                if runner.graph is not None:
+                    runner.graph.replay()
+                else:
+                    # Cache columns in use after this step: prompt + emissions 0..last+i.
+                    view_len = prompt_len + last + i + 1
+                    self._decode_step(bufs, cfg, processor, runner.generator, view_len)
+            last += n
+        return host.collect()
+
+    def _prefill(
+        self,
+        bufs: DecodeBuffers,
+        batch: PreparedBatch,
+        cfg: DecodeConfig,
+        offsets: list[int],
+        processor: LogitsProcessor | None,
+        generator: torch.Generator | None,
+    ) -> None:
+        """Run the prompts, reset every state buffer in place, and make emission 0."""
+        model, device = self.model, self.model.device
+        n_rows, prompt_len = batch.input_ids.shape
+        dtype = bufs.mask.dtype
+        min_value = torch.finfo(dtype).min
+        embeds = embed_inputs(
+            model,
+            {
+                "input_ids": batch.input_ids,
+                "pixel_values": batch.pixel_values,
+                "image_grid_thw": batch.image_grid_thw,
+            },
+        )
+        positions = rope_position_ids(
+            batch.input_ids,
+            batch.mm_token_type_ids,
+            batch.image_grid_thw,
+            batch.attention_mask,
+            spatial_merge_size=model.config.vision_config.spatial_merge_size,
+        ).to(device)
+        valid = batch.attention_mask.to(device).bool()  # [B, P]
+        causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).tril()
+        allowed = causal.unsqueeze(0) & valid.unsqueeze(1)  # [B, P(query), P(key)]
+        mask = torch.zeros(n_rows, 1, prompt_len, prompt_len, dtype=dtype, device=device)
+        mask.masked_fill_(~allowed.unsqueeze(1), min_value)
+
+        bufs.cache.prefill = True
+        try:
+            states = self.text_forward(embeds, positions, mask, bufs.cache)
+        finally:
+            bufs.cache.prefill = False
+        hidden = torch.zeros(bufs.batch, embeds.shape[-1], dtype=dtype, device=device)
+        hidden[:n_rows] = states[:, -1]  # left padding: the last column is the last real token
+
+        # Reset every state buffer in place (the addresses are baked into captured graphs).
+        bufs.mask.fill_(min_value)
+        bufs.mask[:n_rows, 0, 0, :prompt_len].masked_fill_(valid, 0.0)
+        bufs.base_pos.zero_()
+        bufs.base_pos[:n_rows] = positions.amax(dim=(0, 2)) + 1
+        bufs.step.zero_()
+        bufs.cache.write_pos.fill_(prompt_len)
+        bufs.offset.zero_()
+        bufs.offset[:n_rows] = torch.tensor(offsets, device=device)
+        bufs.mode.fill_(_ops.MODE_DONE)  # rows past n_rows (bucket padding) never run
+        bufs.mode[:n_rows] = _ops.MODE_TEXT
+        bufs.count.zero_()
+        bufs.n_blocks.zero_()
+        bufs.remaining.zero_()
+        bufs.remaining[:n_rows] = torch.tensor(offsets, device=device) + cfg.max_new_tokens
+        bufs.out_ids.fill_(cfg.fill_id)
+        bufs.out_fed.zero_()
+        bufs.temperature.fill_(cfg.temperature)
+        bufs.top_p.fill_(cfg.top_p)
+        force = torch.zeros(bufs.batch, dtype=torch.bool, device=device)
+        force[:n_rows] = torch.tensor(batch.forced_start, device=device)
+        self._select(bufs, hidden, cfg, processor, generator, force=force)
+
+    def text_forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        cache,
+    ) -> torch.Tensor:
+        """The text model's forward, layer by layer: [B, L, H] -> final post-norm states.
+
+        Same modules and math as `language_model(inputs_embeds=..., position_ids=...,
+        attention_mask=mask, cache=...)` (rotary embedding -> decoder layers -> final RMSNorm,
+        tested equal), but calling the layers directly skips the model-level wrappers (config
+        merging, output capturing, mask construction): a third of a small model's CPU step.
+        positions: [3, B, L] mRoPE ids; mask: [B, 1, L, S] additive float.
+        """
+        position_embeddings = self.lm.rotary_emb(embeds, positions)
+        states = embeds
+        for layer in self.lm.layers:
+            states = layer(
+                states,
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                use_cache=True,
+                **{self._cache_kw: cache},
+            )
+        return self.lm.norm(states)
+
+    def _decode_step(
+        self,
+        bufs: DecodeBuffers,
+        cfg: DecodeConfig,
+        processor: LogitsProcessor | None,
+        generator: torch.Generator | None,
+        view_len: int | None,
+    ) -> None:
+        """One decode step for every row, touching only `bufs` (CUDA-graph capturable).
+
+        view_len: eager mode's number of cache columns in use (None in graph mode: full buffers,
+        the mask hides the unwritten columns).
+        """
+        rows = bufs.batch
+        # The token fed now is emission `step`; its position is the row's base + step.
+        positions = (bufs.base_pos + bufs.step).view(1, rows, 1).expand(3, rows, 1)
+        if view_len is None:  # graph mode: the column to open is only known on the device
+            bufs.mask.index_fill_(3, bufs.cache.write_pos.view(1), 0.0)
+            mask = bufs.mask
+        else:
+            bufs.mask[..., view_len - 1] = 0.0
+            mask = bufs.mask[..., :view_len]
+        bufs.cache.view_len = view_len
+        states = self.text_forward(bufs.next_embeds.unsqueeze(1), positions, mask, bufs.cache)
+        bufs.cache.write_pos.add_(1)
+        bufs.step.add_(1)
+        self._select(bufs, states[:, -1], cfg, processor, generator)
+
+    def _select(
+        self,
+        bufs: DecodeBuffers,
+        hidden: torch.Tensor,
+        cfg: DecodeConfig,
+        processor: LogitsProcessor | None,
+        generator: torch.Generator | None,
+        force: torch.Tensor | None = None,
+    ) -> None:
+        """LM head -> sampling -> latent_step for emission index `bufs.step`.
+
+        hidden: [B, H] final post-norm hidden states of the positions just run.
+        """
+        logits = self.lm_head(hidden).float()  # [B, V]
+        if cfg.max_blocks != NO_BLOCK_CAP:
+            # A row at its block cap cannot open another block: START is masked out of its text
+            # steps (inside a monet_vllm block START is only a placeholder, left untouched).
+            capped = (bufs.n_blocks >= cfg.max_blocks) & (bufs.mode == _ops.MODE_TEXT)
+            logits[:, cfg.start_id] = logits[:, cfg.start_id].masked_fill(capped, float("-inf"))
+        if processor is not None:
+            logits = processor(logits, bufs.step - bufs.offset)
+        top_p = bufs.top_p if cfg.top_p < 1.0 else None
+        sampled = sample_tokens(logits, cfg.do_sample, bufs.temperature, top_p, generator)
+        if force is not None:
+            sampled = torch.where(force, cfg.start_id, sampled)
+        _ops.latent_step(
+            sampled,
+            hidden,
+            self.embed_weight,
+            bufs.eos_ids,
+            bufs.mode,
+            bufs.count,
+            bufs.n_blocks,
+            bufs.remaining,
+            bufs.emit_ids,
+            bufs.use_hidden,
+            bufs.next_embeds,
+            _ops.LAYOUT_IDS[cfg.layout],
+            cfg.latent_size,
+            cfg.start_id,
+            cfg.end_id,
+            cfg.slot_id,
+            cfg.fill_id,
+            cfg.max_blocks,
+        )
+        column = bufs.step.view(1)
+        bufs.out_ids.index_copy_(1, column, bufs.emit_ids.view(-1, 1))
+        bufs.out_fed.index_copy_(1, column, bufs.use_hidden.view(-1, 1))
+        if bufs.ring is not None:
+            slot = torch.remainder(bufs.step, bufs.ring.shape[0]).view(1)
+            bufs.ring.index_copy_(0, slot, hidden.unsqueeze(0).to(bufs.ring.dtype))
+
+
+class _HostView:
+    """The host side of a generate() call: periodic checks, stop strings, streaming, results."""
+
+    def __init__(
+        self,
+        decoder: LatentDecoder,
+        bufs: DecodeBuffers,
+        cfg: DecodeConfig,
+        n_rows: int,
+        offsets: list[int],
+        streamer: Streamer | None,
+    ) -> None:
+        self.decoder = decoder
+        self.tokenizer = decoder.processor.tokenizer
+        self.bufs = bufs
+        self.cfg = cfg
+        self.n_rows = n_rows
+        self.offsets = offsets
+        self.streamer = streamer
+        self.ids: list[list[int]] = [[] for _ in range(n_rows)]  # emissions, by index
+        self.fed: list[list[bool]] = [[] for _ in range(n_rows)]
+        self.vectors: list[dict[int, torch.Tensor]] = [{} for _ in range(n_rows)]
+        self.n_emitted = [0] * n_rows
+        self.stop_len: list[int | None] = [None] * n_rows  # output length cut by a stop string
+        self.clean_len = [0] * n_rows  # output length known to contain no stop string
+        self.reported = [0] * n_rows
+        self.done = [False] * n_rows
+
+    def _output_len(self, row: int) -> int:
+        if self.stop_len[row] is not None:
+            return self.stop_len[row]
+        return self.n_emitted[row] - self.offsets[row]
+
+    def check(self, last: int) -> bool:
+        """Pull emissions up to index `last` to the host; returns True when every row is done."""
+        bufs, n = self.bufs, self.n_rows
+        first = len(self.ids[0])
+        new_ids = bufs.out_ids[:n, first : last + 1].cpu().tolist()
+        new_fed = bufs.out_fed[:n, first : last + 1].cpu()
+        mode = bufs.mode[:n].cpu().tolist()
+        remaining = bufs.remaining[:n].cpu().tolist()
+        if bufs.ring is not None and bool(new_fed.any()):
+            ring_len = bufs.ring.shape[0]
+            rows, cols = new_fed.nonzero(as_tuple=True)
+            slots = torch.remainder(cols + first, ring_len).to(bufs.ring.device)
+            vecs = bufs.ring[slots, rows.to(bufs.ring.device)].cpu()
+            for r, c, v in zip(rows.tolist(), cols.tolist(), vecs):
+                self.vectors[r][first + c] = v
+        for b in range(n):
+            self.ids[b].extend(new_ids[b])
+            self.fed[b].extend(new_fed[b].tolist())
+            budget = self.cfg.max_new_tokens + self.offsets[b]
+            self.n_emitted[b] = budget - remaining[b]
+            self.done[b] = mode[b] == _ops.MODE_DONE
+        if self.cfg.stop_strings:
+            self._apply_stop_strings()
+        if self.streamer is not None:
+            for b in range(n):
+                end = self._output_len(b)
+                if end > self.reported[b]:
+                    start = self.offsets[b]
+                    self.streamer(b, self.ids[b][start + self.reported[b] : start + end])
+                    self.reported[b] = end
+        return all(self.done)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _apply_stop_strings(self) -> None:
+        stops = self.cfg.stop_strings
+        for b in range(self.n_rows):
+            if self.stop_len[b] is not None:
+                continue
+            start, end = self.offsets[b], self.offsets[b] + self._output_len(b)
+            out = self.ids[b][start:end]
+            if not any(s in self._decode(out) for s in stops):
+                self.clean_len[b] = len(out)
+                continue
+            # Shortest prefix that contains a stop string (HF semantics: keep the stop text).
+            cut = next(
+                i
+                for i in range(self.clean_len[b] + 1, len(out) + 1)
+                if any(s in self._decode(out[:i]) for s in stops)
+            )
+            self.stop_len[b] = cut
+            self.done[b] = True
+            if not bool(self.bufs.mode[b] == _ops.MODE_DONE):
+                self.bufs.mode[b] = _ops.MODE_DONE
+
+    def collect(self) -> GenerateOutput:
+        cfg = self.cfg
+        sequences, texts, reasons = [], [], []
+        latents: list[torch.Tensor] | None = [] if cfg.return_latents else None
+        counts: list[list[int]] | None = [] if cfg.return_latents else None
+        hidden_size = self.decoder.embed_weight.shape[1]
+        for b in range(self.n_rows):
+            start = self.offsets[b]
+            length = self._output_len(b)
+            out = self.ids[b][start : start + length]
+            if self.stop_len[b] is not None:
+                reason = "stop"
+            elif out and out[-1] in cfg.eos_ids:
+                reason = "eos"
+            else:
+                reason = "length"
+            sequences.append(torch.tensor(out, dtype=torch.long))
+            texts.append(self._decode(out[:-1] if reason == "eos" else out))
+            reasons.append(reason)
+            if latents is not None:
+                # Emission indices < start + length, including a forced START's fed-back row.
+                fed = [i for i in sorted(self.vectors[b]) if i < start + length]
+                blocks: list[list[torch.Tensor]] = []
+                prev = None
+                for i in fed:
+                    if prev is None or i != prev + 1:
+                        blocks.append([])
+                    blocks[-1].append(self.vectors[b][i])
+                    prev = i
+                dtype = self.bufs.next_embeds.dtype
+                t = torch.zeros(len(blocks), cfg.latent_size, hidden_size, dtype=dtype)
+                for j, block in enumerate(blocks):
+                    t[j, : len(block)] = torch.stack(block)
+                latents.append(t)
+                counts.append([len(block) for block in blocks])
+        return GenerateOutput(
+            sequences=sequences,
+            texts=texts,
+            latents=latents,
+            latent_counts=counts,
+            finish_reasons=reasons,
+        )
+
+
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decoder_for(model, processor) -> LatentDecoder:
+    """The cached LatentDecoder of `model` (graphs survive across generate() calls)."""
+    decoder = _DECODERS.get(model)
+    if decoder is None or decoder.processor is not processor:
+        decoder = LatentDecoder(model, processor)
+        _DECODERS[model] = decoder
+    return decoder
+
+
+def generate(
+    model,
+    processor,
+    inputs: list,
+    *,
+    max_new_tokens: int,
+    latent_size: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    return_latents: bool = False,
+    latent_layout: str | None = None,
+    max_latent_blocks: int | None = None,
+    stop_strings: Sequence[str] | str | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    use_cuda_graphs: bool = True,
+    check_every: int = DEFAULT_CHECK_EVERY,
+    logits_processor: LogitsProcessor | None = None,
+    streamer: Streamer | None = None,
+) -> GenerateOutput:
+    """Decode a batch with latent feedback.
+
+    Args:
+        model: a `Qwen2_5_VLForConditionalGeneration` (e.g. from `monet_fast.model.loading`).
+        processor: its processor (MonetProcessor or an HF Qwen2.5-VL processor).
+        inputs: a list of chat conversations (HF messages, images as PIL images or paths) or of
+            templated prompts `{"text": str, "images": [...]}`; a prompt ending with
+            `<abs_vis_token>` starts in latent mode.
+        max_new_tokens: tokens to generate per input, latent steps and forced tokens included.
+        latent_size: K, latent steps per block; default: the model config's `latent_size`.
+        latent_layout: "sft" or "monet_vllm"; default: the model config's `latent_layout`.
+        do_sample, temperature, top_p, seed: sampling (greedy by default); `seed` makes sampling
+            reproducible for a given batch.
+        return_latents: also return every fed-back latent vector, per input and block.
+        max_latent_blocks: latent blocks a sequence may open (START is masked beyond it).
+        stop_strings: stop a sequence once its text contains one (checked every check_every).
+        eos_token_id: stop ids; default: generation_config.eos_token_id.
+        use_cuda_graphs: capture/replay the decode step on CUDA (ignored on CPU).
+        check_every: decode steps between host checks (finished rows, stop strings, streaming).
+        logits_processor: `fn(logits [B, V] float32, index [B] int64) -> logits`, applied before
+            sampling (testing/benchmark hook; must be graph-safe on CUDA).
+        streamer: `fn(row, new_ids)` called at each host check with the new output tokens.
+
+    Greedy results do not depend on the batch composition (up to floating-point ties).
+    """
+    return decoder_for(model, processor).generate(
+        inputs,
+        max_new_tokens=max_new_tokens,
+        latent_size=latent_size,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        return_latents=return_latents,
+        latent_layout=latent_layout,
+        max_latent_blocks=max_latent_blocks,
+        stop_strings=stop_strings,
+        eos_token_id=eos_token_id,
+        use_cuda_graphs=use_cuda_graphs,
+        check_every=check_every,
+        logits_processor=logits_processor,
+        streamer=streamer,
+    )
