@@ -34,6 +34,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 # `func` on its parser. Imported when the parser is built; keep their top-level imports light.
 COMMAND_MODULES: list[str] = [
     "monet_fast.demo",
+    "monet_fast.train.cli",
     "monet_fast.decode.cli",
 ]
 

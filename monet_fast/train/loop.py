@@ -1,0 +1,771 @@
+"""The shared SFT training loop on DeepSpeed; the stage recipes in `sft.py` specialise it.
+
+One optimizer step, as the loop runs it (every rank):
+
+    micro-batches = this rank's grad_accum slices of the global batch   (train/data.py)
+    [online teacher: targets for each micro-batch]
+    totals = all_reduce(Σ CE weights, Σ aligned samples)                 before any forward
+    for each micro-batch:
+        out = latent_forward(...)                                         via the engine
+        objective = ce_sum / total_ce_weight
+                  + (out.loss - out.ce_loss) · align_count / total_aligned
+        engine.backward(objective · world_size, scale_wrt_gas=False); engine.step()
+
+Normalisation: CE is normalised by the total CE weight (target tokens, observation tokens
+weighted) of the whole optimizer step over all micro-batches and ranks, so gradient accumulation
+and data parallelism give exactly the gradient of one big batch. `out.loss - out.ce_loss` is the
+alignment part of the stage loss normalised per micro-batch (align_weight · mean over samples);
+rescaling it by align_count / total_aligned turns it into the mean over all samples of the step.
+In stage 2 that part carries the latent-only proxy gradient (its value is the true weighted
+alignment; only its gradient is routed through the latents), and the rescale is linear, so the
+routing is kept. DeepSpeed would divide by grad_accum (we pass scale_wrt_gas=False) and averages
+gradients over data-parallel ranks (hence the · world_size).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from monet_fast.model.losses import LossConfig
+from monet_fast.train import checkpoint as ckpt
+from monet_fast.train.config import ConfigError, OptimSection, SchedulerSection, TrainConfig
+from monet_fast.train.data import (
+    DataReport,
+    MicroBatch,
+    SFTCollator,
+    dataset_fingerprint,
+    epoch_order,
+    load_samples,
+    micro_batch_loader,
+    rank_micro_batches,
+)
+from monet_fast.train.metrics import MetricsLogger
+
+logger = logging.getLogger("monet_fast.train")
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed set-up
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (idempotent).
+
+    Launched by `deepspeed` or `torchrun`, the launcher's env vars are used. A plain single
+    process gets RANK=0, WORLD_SIZE=1 and a free local port, so tests and the demo need no
+    launcher. On CPU the backend is gloo and DeepSpeed's shared-memory allreduce op is not built
+    (its first-use JIT build costs 50-80 s; set MONET_FAST_DS_SHM=1 to allow it).
+    """
+    import deepspeed
+
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ["WORLD_SIZE"] = "1"
+    cuda = torch.cuda.is_available()
+    if not cuda and os.environ.get("MONET_FAST_DS_SHM") != "1":
+        # `import deepspeed.comm.torch as m` would bind the torch package (deepspeed.comm
+        # re-exports it), so patch the module object itself.
+        import deepspeed.comm.torch  # noqa: F401
+
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    rank = torch.distributed.get_rank()
+    world = torch.distributed.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(rank, world, local_rank, device)
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed config, optimizer, schedule
+# --------------------------------------------------------------------------------------------
+
+
+def _fill(ds: dict, key: str, value: Any, where: str) -> None:
+    """Set ds[key] = value where the JSON says "auto" or nothing; refuse a conflicting value."""
+    current = ds.get(key, "auto")
+    if current == "auto":
+        ds[key] = value
+    elif current != value:
+        raise ConfigError(
+            f"DeepSpeed config {where} sets {key}={current!r} but the training config implies "
+            f'{value!r}; use "auto" there (it is filled from the training config)'
+        )
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def build_deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
+    """The DeepSpeed config dict: the JSON file (if any) with "auto" filled from `cfg`."""
+    path = cfg.resolved_deepspeed_json()
+    where = str(path) if path is not None else "(built in)"
+    ds: dict = json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(
+                f"DeepSpeed config {where} defines {key!r}: remove it, monet_fast builds the "
+                "optimizer and LR schedule from the optim / scheduler sections"
+            )
+    tr = cfg.trainer
+    _fill(ds, "train_micro_batch_size_per_gpu", tr.micro_batch_size, where)
+    _fill(ds, "gradient_accumulation_steps", tr.grad_accum, where)
+    _fill(ds, "train_batch_size", tr.micro_batch_size * tr.grad_accum * world_size, where)
+    _fill(ds, "gradient_clipping", cfg.optim.grad_clip, where)
+    ds.setdefault("bf16", {})
+    if ds["bf16"].get("enabled", "auto") == "auto":
+        ds["bf16"]["enabled"] = bf16
+    elif bool(ds["bf16"]["enabled"]) != bf16:
+        raise ConfigError(
+            f"DeepSpeed config {where} sets bf16.enabled={ds['bf16']['enabled']} but "
+            f"model.precision resolves to {'bf16' if bf16 else 'fp32'}"
+        )
+    ds.setdefault("fp16", {"enabled": False})
+    zero = ds.setdefault("zero_optimization", {})
+    if cfg.deepspeed.zero_stage is not None:
+        zero["stage"] = cfg.deepspeed.zero_stage
+    if zero.get("stage", "auto") == "auto":
+        zero["stage"] = 2
+    stage = zero["stage"]
+    pin = torch.cuda.is_available()
+    if cfg.deepspeed.offload_optimizer:
+        if stage < 1:
+            raise ConfigError("deepspeed.offload_optimizer needs ZeRO stage >= 1")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if cfg.deepspeed.offload_param:
+        if stage != 3:
+            raise ConfigError(f"deepspeed.offload_param needs ZeRO stage 3, got {stage}")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    if "offload_optimizer" in zero:
+        # We pass a torch optimizer; DeepSpeed otherwise insists on its JIT-built CPU Adam.
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    if cfg.optim.name == "sgd" and stage > 0:
+        # DeepSpeed whitelists Adam-type optimizers under ZeRO; plain SGD partitions fine.
+        ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10**9)  # we log ourselves
+    ds.setdefault("wall_clock_breakdown", False)
+    return _deep_merge(ds, dict(cfg.deepspeed.extra))
+
+
+def build_optimizer(
+    model: nn.Module, o: OptimSection, *, fused: bool = False
+) -> torch.optim.Optimizer:
+    """A torch optimizer over trainable params; no weight decay on biases and norm weights.
+
+    A torch optimizer (not DeepSpeed's) so nothing is JIT-built; `fused` AdamW on GPU matches the
+    reference's `adamw_torch_fused`.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": o.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    kwargs = {"fused": True} if fused else {}
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **kwargs)
+
+
+def lr_lambda(s: SchedulerSection, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier per optimizer step: linear warm-up from 0, then linear/cosine/constant.
+
+    Same shape as transformers' get_{linear,cosine}_schedule_with_warmup (HF Trainer default).
+    """
+    warm = s.warmup_steps
+
+    def fn(step: int) -> float:
+        if step < warm:
+            return step / max(1, warm)
+        if s.name == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total_steps - warm)
+        progress = min(max(progress, 0.0), 1.0)
+        if s.name == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+# --------------------------------------------------------------------------------------------
+# The module DeepSpeed wraps
+# --------------------------------------------------------------------------------------------
+
+
+class LatentTrainModule(nn.Module):
+    """Wraps the HF model so that `engine(batch, ...)` runs the latent forward and returns the
+    step objective (DeepSpeed hooks its backward bookkeeping on the returned tensor).
+
+    forward_fn: `latent_forward` (ours) or `reference_latent_forward` (benchmark baseline).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_config: LossConfig,
+        forward_fn: Callable | None = None,
+        teacher_layers: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if forward_fn is None:
+            from monet_fast.model.latent import latent_forward as forward_fn
+        self.model = model
+        self.loss_config = loss_config
+        self.forward_fn = forward_fn
+        self.teacher_layers = teacher_layers
+
+    def forward(
+        self,
+        batch: dict,
+        teacher: list[torch.Tensor] | None = None,
+        *,
+        ce_total: float = 1.0,
+        align_total: float = 1.0,
+        scale: float = 1.0,
+    ) -> dict[str, Any]:
+        kwargs = {} if self.teacher_layers is None else {"teacher_layers": self.teacher_layers}
+        out = self.forward_fn(
+            self.model, batch, teacher=teacher, loss_config=self.loss_config, **kwargs
+        )
+        objective = out.ce_sum / max(ce_total, 1.0)
+        if out.align_loss is not None and out.align_count > 0 and align_total > 0:
+            objective = objective + (out.loss - out.ce_loss) * (out.align_count / align_total)
+        return {
+            "objective": objective * scale,
+            "ce_sum": out.ce_sum.detach(),
+            "ce_weight": float(out.ce_weight),
+            "align_sum": out.align_sum.detach(),
+            "align_count": out.align_count,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe base class
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run produced."""
+
+    output: Path
+    global_step: int
+    losses: list[float] = field(default_factory=list)  # this run's optimizer steps
+    checkpoint: Path | None = None
+    export: Path | None = None
+    seconds: float = 0.0
+    samples_per_s: float = 0.0
+
+
+class SFTRecipe:
+    """SFT on DeepSpeed: shared loop for stages 1-3 (subclasses in `sft.py` add the teacher).
+
+    Features: ZeRO-2 by default (ZeRO-3 / CPU offload by config), bf16 on GPU and fp32 on CPU,
+    gradient checkpointing (stage 1), gradient accumulation with loss normalised by target tokens
+    over all micro-batches and ranks, LR warm-up + linear/cosine decay, frozen vision tower,
+    seeded deterministic data order, atomic periodic/final checkpoints, exact resume, HF export,
+    JSONL metrics + progress bar (+ TensorBoard / wandb).
+
+    Raises (ConfigError, at construction or set-up):
+        - stage not 1/2/3, or `--stage` disagreeing with the config's stage;
+        - no model (neither model.init nor model.tiny_seed);
+        - gradient checkpointing for stages 2/3 (KV-cache segment forward; see config.py);
+        - bf16 without a GPU;
+        - a teacher for stage 1, or none for stages 2/3;
+        - stage 3 from a model directory without teacher.model (the stage-2 model);
+        - teacher.layers out of range for the model;
+        - a dataset smaller than one global batch;
+        - a DeepSpeed JSON that defines optimizer/scheduler or contradicts the config;
+        - existing checkpoints in the output directory without `--resume`, or `--resume` with none;
+        - (FileNotFoundError / MissingTeacherEntry) teacher.precompute=never with an
+          incomplete teacher cache.
+    """
+
+    stage: ClassVar[int] = 0
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: str | None = None,
+        forward_fn: Callable | None = None,
+    ) -> None:
+        cfg.validate()
+        if self.stage and cfg.stage != self.stage:
+            raise ConfigError(
+                f"{type(self).__name__} trains stage {self.stage}, config has {cfg.stage}"
+            )
+        if cfg.output is None:
+            raise ConfigError("no output directory: pass --output DIR or set output: in the config")
+        self.cfg = cfg
+        self.resume = resume
+        self.forward_fn = forward_fn
+        self.output = Path(cfg.output)
+        self.ckpt_root = self.output / ckpt.CHECKPOINT_DIR
+        self.loss_config = LossConfig(
+            obs_weight=cfg.loss.obs_weight,
+            align_weight=cfg.loss.align_weight,
+            latent_proxy_weight=cfg.loss.latent_proxy_weight,
+        )
+        self.obs_weight = self.loss_config.obs_weight_for(cfg.student_stage)
+        self.engine = None
+        self.metrics: MetricsLogger | None = None
+        self.online_teacher = None
+        self.teacher_cache = None
+        self.teacher_layers: list[int] | None = None
+
+    # ---- stage hooks ------------------------------------------------------------------------
+
+    def setup_teacher(self) -> None:
+        """Stage hook: set `online_teacher` or `teacher_cache` (+ `teacher_layers`)."""
+
+    # ---- set-up -----------------------------------------------------------------------------
+
+    def setup_common(self, *, check_checkpoints: bool = True) -> None:
+        """Distributed init, seeds, run directory, data. (Also used by teacher precompute.)"""
+        cfg = self.cfg
+        self.dist = setup_distributed()
+        self.rank, self.world = self.dist.rank, self.dist.world_size
+        self.device = self.dist.device
+        seed_everything(cfg.seed)
+        if cfg.model.precision == "auto":
+            self.bf16 = self.device.type == "cuda"
+        else:
+            self.bf16 = cfg.model.precision == "bf16"
+        self.dtype = torch.bfloat16 if self.bf16 else torch.float32
+
+        has_ckpt = ckpt.latest_tag(self.ckpt_root) is not None
+        if has_ckpt and self.resume is None and check_checkpoints:
+            raise ConfigError(
+                f"{self.output} already holds checkpoints (latest: "
+                f"{ckpt.latest_tag(self.ckpt_root)}); pass --resume to continue that run or "
+                "choose another --output"
+            )
+        if self.rank == 0:
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / "config.yaml").write_text(self.cfg.dump(), encoding="utf-8")
+
+        self.samples, self.data_report = load_samples(cfg.data)
+        if self.rank == 0:
+            (self.output / "data_report.json").write_text(
+                json.dumps(self.data_report.to_dict(), indent=2), encoding="utf-8"
+            )
+        tr = cfg.trainer
+        self.global_batch = tr.micro_batch_size * tr.grad_accum * self.world
+        self.steps_per_epoch = len(self.samples) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"the dataset has {len(self.samples)} samples, fewer than one global batch "
+                f"(micro_batch_size {tr.micro_batch_size} x grad_accum {tr.grad_accum} x "
+                f"{self.world} ranks = {self.global_batch})"
+            )
+        self.total_steps = cfg.scheduler.total_steps or tr.epochs * self.steps_per_epoch
+        self.stop_step = tr.max_steps or tr.epochs * self.steps_per_epoch
+
+    def load_model(self, path: str | None) -> tuple[nn.Module, Any]:
+        """(model, processor) from a directory, or the tiny model when path is None."""
+        from monet_fast.model.config import LatentConfig, apply_latent_config
+        from monet_fast.model.loading import load_pretrained
+        from monet_fast.model.tiny import tiny_model
+
+        cfg = self.cfg.model
+        if path is not None:
+            model, processor = load_pretrained(path, dtype=self.dtype)
+        else:
+            model, processor = tiny_model(cfg.tiny_seed, latent_size=cfg.latent_size)
+        model = model.to(self.dtype)
+        if cfg.attn_implementation is not None:
+            model.set_attn_implementation(cfg.attn_implementation)
+        # K travels with the weights: the exported config.json carries it.
+        apply_latent_config(
+            model, LatentConfig.from_tokenizer(processor.tokenizer, latent_size=cfg.latent_size)
+        )
+        return model.to(self.device), processor
+
+    def setup(self) -> None:
+        """Build everything: data, model, teacher, DeepSpeed engine; load a checkpoint if resuming."""
+        import deepspeed
+
+        self.setup_common()
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.model, self.processor = self.load_model(cfg.model.init)
+        if cfg.model.freeze_vision:
+            # Reference: `model.visual` (ViT + merger) frozen in every SFT stage.
+            self.model.model.visual.requires_grad_(False)
+        if cfg.model.gradient_checkpointing:
+            # Non-reentrant, as the reference. transformers >= 5.2x renamed the method
+            # (the old name warns); the GPU image's 5.17 only has the old one.
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.model.train()
+        self.setup_teacher()
+
+        self.collator = SFTCollator(
+            self.processor,
+            cfg.stage,
+            cfg.model.latent_size,
+            self.obs_weight,
+            image_budget=cfg.data.image_budget,
+            cache=self.teacher_cache,
+            on_error=cfg.data.on_error,
+            with_teacher=self.teacher_cache is not None or self.online_teacher is not None,
+        )
+        module = LatentTrainModule(
+            self.model, self.loss_config, self.forward_fn, self.teacher_layers
+        )
+        offload = cfg.deepspeed.offload_optimizer
+        optimizer = build_optimizer(
+            module, cfg.optim, fused=self.device.type == "cuda" and not offload
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg.scheduler, self.total_steps)
+        )
+        self.ds_config = build_deepspeed_config(cfg, self.world, self.bf16)
+        self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
+        if self.rank == 0:
+            (self.output / "deepspeed_config.json").write_text(
+                json.dumps(self.ds_config, indent=2), encoding="utf-8"
+            )
+        _quiet_deepspeed()
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config,
+            dist_init_required=False,
+        )
+        self.module = self.engine.module
+        self.model = self.module.model  # ZeRO-3 may have re-registered parameters
+
+        self.progress = ckpt.TrainingProgress(
+            seed=cfg.seed,
+            global_batch_size=self.global_batch,
+            dataset_fingerprint=dataset_fingerprint(self.samples),
+            n_samples=len(self.samples),
+            world_size=self.world,
+        )
+        if self.resume is not None:
+            root, tag = ckpt.resolve_resume(self.ckpt_root, self.resume)
+            saved = ckpt.load_checkpoint(self.engine, root, tag)
+            for note in ckpt.compare_progress(saved, self.progress):
+                logger.warning("resume: %s", note)
+            if self.rank == 0:
+                logger.info(
+                    "resumed %s/%s: epoch %d, step %d (position from the checkpoint; seed, data "
+                    "and batch sizes from the config)",
+                    root,
+                    tag,
+                    saved.epoch,
+                    saved.global_step,
+                )
+            saved.seed = self.progress.seed
+            saved.global_batch_size = self.global_batch
+            saved.dataset_fingerprint = self.progress.dataset_fingerprint
+            saved.n_samples = len(self.samples)
+            saved.world_size = self.world
+            self.progress = saved
+
+        self.metrics = MetricsLogger(
+            self.output,
+            cfg.logging,
+            rank=self.rank,
+            total_steps=self.stop_step,
+            initial_step=self.progress.global_step,
+            run_config=cfg.to_dict(),
+        )
+        self.metrics.event(
+            "resume" if self.resume is not None else "start",
+            step=self.progress.global_step,
+            stage=cfg.stage,
+            world_size=self.world,
+            global_batch=self.global_batch,
+            n_samples=len(self.samples),
+            skipped_rows=self.data_report.n_skipped,
+            setup_s=time.perf_counter() - t0,
+        )
+
+    # ---- training ---------------------------------------------------------------------------
+
+    def _train_step(self, micro: list[MicroBatch]) -> dict[str, float]:
+        if self.online_teacher is not None:
+            for mb in micro:
+                mb.teacher = self.online_teacher(mb.samples)
+        ce_total, align_total, tokens, n_samples, skipped = _all_reduce_sum(
+            [
+                sum(mb.ce_weight for mb in micro),
+                sum(mb.align_count for mb in micro),
+                sum(mb.n_tokens for mb in micro),
+                sum(len(mb.samples) for mb in micro),
+                sum(len(mb.skipped) for mb in micro),
+            ],
+            self.device,
+        )
+        lr = float(self.engine.get_lr()[0])  # the LR this step uses (the schedule steps after)
+        ce_sum = align_sum = 0.0
+        for mb in micro:
+            out = self.engine(
+                mb.batch, mb.teacher, ce_total=ce_total, align_total=align_total, scale=self.world
+            )
+            if abs(out["ce_weight"] - mb.ce_weight) > 1e-3 * max(1.0, mb.ce_weight):
+                raise RuntimeError(
+                    f"CE weight computed before the forward ({mb.ce_weight}) differs from the "
+                    f"forward's ({out['ce_weight']}): loss normalisation would be wrong"
+                )
+            self.engine.backward(out["objective"], scale_wrt_gas=False)
+            self.engine.step()
+            ce_sum += float(out["ce_sum"])
+            align_sum += float(out["align_sum"])
+        ce_sum, align_sum = _all_reduce_sum([ce_sum, align_sum], self.device)
+        ce_loss = ce_sum / max(ce_total, 1.0)
+        align_loss = align_sum / align_total if align_total > 0 else None
+        loss = ce_loss + (self.loss_config.align_weight * align_loss if align_loss else 0.0)
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "loss": loss,
+            "ce_loss": ce_loss,
+            "align_loss": align_loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "samples": int(n_samples),
+            "tokens": int(tokens),
+            "skipped_samples": int(skipped),
+        }
+
+    def train(self) -> TrainResult:
+        """Run optimizer steps until `stop_step`; checkpoint periodically and at the end; export."""
+        cfg, tr, p = self.cfg, self.cfg.trainer, self.progress
+        result = TrainResult(output=self.output, global_step=p.global_step)
+        t_start = time.perf_counter()
+        n_samples_run = 0
+        # A resumed run already has a checkpoint of its starting step.
+        last_saved = p.global_step if self.resume is not None else None
+        while p.global_step < self.stop_step:
+            order = epoch_order(len(self.samples), cfg.seed, p.epoch, tr.shuffle)
+            steps = range(p.step_in_epoch, self.steps_per_epoch)
+            lists = [
+                mb
+                for s in steps
+                for mb in rank_micro_batches(
+                    order, s, tr.micro_batch_size, tr.grad_accum, self.world, self.rank
+                )
+            ]
+            loader = micro_batch_loader(self.samples, lists, self.collator, cfg.data.num_workers)
+            for _ in steps:
+                if p.global_step >= self.stop_step:
+                    break
+                t0 = time.perf_counter()
+                micro = [next(loader) for _ in range(tr.grad_accum)]
+                stats = self._train_step(micro)
+                dt = time.perf_counter() - t0
+                p.step_in_epoch += 1
+                p.global_step += 1
+                p.samples_seen += stats["samples"]
+                p.tokens_seen += stats["tokens"]
+                n_samples_run += stats["samples"]
+                result.losses.append(stats["loss"])
+                evaluated = {}
+                if cfg.eval.every and p.global_step % cfg.eval.every == 0:
+                    evaluated = self.evaluate()
+                if (
+                    evaluated
+                    or p.global_step % tr.log_every == 0
+                    or p.global_step == self.stop_step
+                ):
+                    self.metrics.log(
+                        p.global_step,
+                        {
+                            **stats,
+                            **evaluated,
+                            "epoch": p.epoch,
+                            "samples_per_s": stats["samples"] / dt,
+                            "tokens_per_s": stats["tokens"] / dt,
+                            "step_s": dt,
+                            "elapsed_s": time.perf_counter() - t_start,
+                        },
+                    )
+                self.metrics.advance()
+                if not math.isfinite(stats["loss"]):
+                    raise FloatingPointError(f"loss is {stats['loss']} at step {p.global_step}")
+                if tr.save_every and p.global_step % tr.save_every == 0:
+                    result.checkpoint = self.save_checkpoint()
+                    last_saved = p.global_step
+            if p.step_in_epoch >= self.steps_per_epoch:
+                p.epoch += 1
+                p.step_in_epoch = 0
+        if last_saved != p.global_step:
+            result.checkpoint = self.save_checkpoint()
+        if tr.export:
+            result.export = self.export()
+        result.global_step = p.global_step
+        result.seconds = time.perf_counter() - t_start
+        result.samples_per_s = n_samples_run / max(result.seconds, 1e-9)
+        self.metrics.event("end", step=p.global_step, seconds=result.seconds)
+        return result
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean CE of the student on eval.data (rank-strided micro-batches, teacher-free)."""
+        from monet_fast.model.latent import latent_forward
+
+        cfg = self.cfg
+        samples, _ = load_samples(cfg.eval.data)
+        mbs = cfg.trainer.micro_batch_size
+        lists = [list(range(i, min(i + mbs, len(samples)))) for i in range(0, len(samples), mbs)]
+        lists = lists[self.rank :: self.world]
+        if cfg.eval.max_batches is not None:
+            lists = lists[: cfg.eval.max_batches]
+        collator = SFTCollator(
+            self.processor,
+            cfg.stage,
+            cfg.model.latent_size,
+            self.obs_weight,
+            image_budget=cfg.data.image_budget,
+            on_error=cfg.eval.data.on_error,
+        )
+        self.model.eval()
+        ce_sum = ce_w = 0.0
+        try:
+            for mb in micro_batch_loader(samples, lists, collator):
+                out = latent_forward(self.model, mb.batch, loss_config=self.loss_config)
+                ce_sum += float(out.ce_sum)
+                ce_w += float(out.ce_weight)
+        finally:
+            self.model.train()
+        ce_sum, ce_w = _all_reduce_sum([ce_sum, ce_w], self.device)
+        return {"eval_ce_loss": ce_sum / max(ce_w, 1.0)}
+
+    # ---- checkpoints and export ---------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        path = ckpt.save_checkpoint(
+            self.engine,
+            self.ckpt_root,
+            self.progress,
+            keep_last=self.cfg.trainer.keep_last,
+            rank=self.rank,
+            barrier=_barrier,
+        )
+        if self.metrics is not None:
+            self.metrics.event("checkpoint", step=self.progress.global_step, path=str(path))
+        return path
+
+    def export(self, path: str | os.PathLike | None = None) -> Path:
+        """Write the current weights as a Hugging Face directory (default <output>/hf)."""
+        path = Path(path) if path is not None else self.output / ckpt.EXPORT_DIR
+        ckpt.export_hf(self.model, self.processor, path, zero_stage=self.zero_stage, rank=self.rank)
+        _barrier()
+        if self.metrics is not None:
+            self.metrics.event("export", step=self.progress.global_step, path=str(path))
+        return path
+
+    def cleanup(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.engine is not None and hasattr(self.engine, "destroy"):
+            self.engine.destroy()
+        self.engine = None
+        self.online_teacher = None
+
+    def run(self) -> TrainResult:
+        """setup() + train() + cleanup()."""
+        try:
+            self.setup()
+            return self.train()
+        finally:
+            self.cleanup()
+
+
+def _quiet_deepspeed() -> None:
+    """DeepSpeed logs its whole config at INFO on every initialize; keep warnings only."""
+    if os.environ.get("MONET_FAST_DS_VERBOSE") == "1":
+        return
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+__all__ = [
+    "DataReport",
+    "DistInfo",
+    "LatentTrainModule",
+    "SFTRecipe",
+    "TrainResult",
+    "build_deepspeed_config",
+    "build_optimizer",
+    "lr_lambda",
+    "seed_everything",
+    "setup_distributed",
+]
