@@ -36,6 +36,7 @@ COMMAND_MODULES: list[str] = [
     "monet_fast.demo",
     "monet_fast.train.cli",
     "monet_fast.decode.cli",
+    "monet_fast.eval.cli",
 ]
 
 

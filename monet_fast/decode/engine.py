@@ -48,6 +48,24 @@ from monet_fast.model.sequence import rope_position_ids
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (row, new token ids) called at every host check with the tokens produced since the last one.
 Streamer = Callable[[int, list[int]], None]
+# (vectors [B, H] about to be fed back, per-row index of the latent in the row's trace [B] int64)
+# -> the vectors to feed instead (latent interventions; eager decoding only).
+LatentTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class _Intervention:
+    """Per-call latent intervention state (eval's `monet_fast.eval.interventions`).
+
+    transform: replaces each fed-back vector. hide: once a row's block has closed, its latent
+    columns are masked from every later query (the slots inside a block still see each other).
+    latent_cols: [B, S] bool, the cache columns that hold a fed-back latent, per row.
+    """
+
+    transform: LatentTransform | None = None
+    hide: bool = False
+    latent_cols: torch.Tensor | None = None
+
 
 NO_BLOCK_CAP = 2**31 - 1
 DEFAULT_CHECK_EVERY = 8
@@ -296,17 +314,25 @@ class LatentDecoder:
         max_new_tokens: int,
         logits_processor: LogitsProcessor | None = None,
         streamer: Streamer | None = None,
+        latent_transform: LatentTransform | None = None,
+        hide_latents: bool = False,
         **options,
     ) -> GenerateOutput:
         """See `monet_fast.decode.generate`."""
+        if latent_transform is not None or hide_latents:
+            # Interventions run in Python between steps: no graph capture.
+            options["use_cuda_graphs"] = False
         cfg = resolve_config(self.model, self.processor, max_new_tokens=max_new_tokens, **options)
         batch = prepare_batch(self.processor, inputs)
         if cfg.max_blocks == 0 and any(batch.forced_start):
             raise ValueError(
                 "a prompt ends with <abs_vis_token> (starts a latent block) but max_latent_blocks=0"
             )
+        intervention = None
+        if latent_transform is not None or hide_latents:
+            intervention = _Intervention(transform=latent_transform, hide=hide_latents)
         with torch.inference_mode():
-            return self._generate(batch, cfg, logits_processor, streamer)
+            return self._generate(batch, cfg, logits_processor, streamer, intervention)
 
     # --------------------------------------------------------------- internals
 
@@ -378,6 +404,7 @@ class LatentDecoder:
         cfg: DecodeConfig,
         processor: LogitsProcessor | None,
         streamer: Streamer | None,
+        intervention: _Intervention | None = None,
     ) -> GenerateOutput:
         n_rows, prompt_len = batch.input_ids.shape
         offsets = [1 if f else 0 for f in batch.forced_start]
@@ -385,7 +412,11 @@ class LatentDecoder:
         n_emit = cfg.max_new_tokens + max(offsets)
         runner = self._runner(cfg, n_rows, prompt_len + n_emit, processor)
         bufs = runner.bufs
-        self._prefill(bufs, batch, cfg, offsets, processor, runner.generator)
+        if intervention is not None and intervention.hide:
+            intervention.latent_cols = torch.zeros(
+                bufs.mask.shape[0], bufs.mask.shape[-1], dtype=torch.bool, device=bufs.mask.device
+            )
+        self._prefill(bufs, batch, cfg, offsets, processor, runner.generator, intervention)
 
         host = _HostView(self, bufs, cfg, n_rows, offsets, streamer)
         last = 0  # index of the newest emission
@@ -398,7 +429,9 @@ class LatentDecoder:
                 else:
                     # Cache columns in use after this step: prompt + emissions 0..last+i.
                     view_len = prompt_len + last + i + 1
-                    self._decode_step(bufs, cfg, processor, runner.generator, view_len)
+                    self._decode_step(
+                        bufs, cfg, processor, runner.generator, view_len, intervention
+                    )
             last += n
         return host.collect()
 
@@ -410,6 +443,7 @@ class LatentDecoder:
         offsets: list[int],
         processor: LogitsProcessor | None,
         generator: torch.Generator | None,
+        intervention: _Intervention | None = None,
     ) -> None:
         """Run the prompts, reset every state buffer in place, and make emission 0."""
         model, device = self.model, self.model.device
@@ -466,7 +500,9 @@ class LatentDecoder:
         bufs.top_p.fill_(cfg.top_p)
         force = torch.zeros(bufs.batch, dtype=torch.bool, device=device)
         force[:n_rows] = torch.tensor(batch.forced_start, device=device)
-        self._select(bufs, hidden, cfg, processor, generator, force=force)
+        self._select(
+            bufs, hidden, cfg, processor, generator, force=force, intervention=intervention
+        )
 
     def text_forward(
         self,
@@ -502,6 +538,7 @@ class LatentDecoder:
         processor: LogitsProcessor | None,
         generator: torch.Generator | None,
         view_len: int | None,
+        intervention: _Intervention | None = None,
     ) -> None:
         """One decode step for every row, touching only `bufs` (CUDA-graph capturable).
 
@@ -519,9 +556,15 @@ class LatentDecoder:
             mask = bufs.mask[..., :view_len]
         bufs.cache.view_len = view_len
         states = self.text_forward(bufs.next_embeds.unsqueeze(1), positions, mask, bufs.cache)
+        if intervention is not None and intervention.hide:
+            # The column just written holds a latent iff the input was a fed-back vector.
+            intervention.latent_cols[:, view_len - 1] = bufs.use_hidden
         bufs.cache.write_pos.add_(1)
         bufs.step.add_(1)
-        self._select(bufs, states[:, -1], cfg, processor, generator)
+        self._select(bufs, states[:, -1], cfg, processor, generator, intervention=intervention)
+        if intervention is not None and intervention.hide:
+            closed = intervention.latent_cols & (bufs.mode != _ops.MODE_LATENT).view(-1, 1)
+            bufs.mask[:, 0, 0].masked_fill_(closed, torch.finfo(bufs.mask.dtype).min)
 
     def _select(
         self,
@@ -531,6 +574,7 @@ class LatentDecoder:
         processor: LogitsProcessor | None,
         generator: torch.Generator | None,
         force: torch.Tensor | None = None,
+        intervention: _Intervention | None = None,
     ) -> None:
         """LM head -> sampling -> latent_step for emission index `bufs.step`.
 
@@ -548,6 +592,11 @@ class LatentDecoder:
         sampled = sample_tokens(logits, cfg.do_sample, bufs.temperature, top_p, generator)
         if force is not None:
             sampled = torch.where(force, cfg.start_id, sampled)
+        if intervention is not None and intervention.transform is not None:
+            # Only rows whose next input is this vector use it; the index is its place in the
+            # row's latent trace (vectors fed so far).
+            index = bufs.out_fed[:, : int(bufs.step) + 1].sum(1) if int(bufs.step) >= 0 else None
+            hidden = intervention.transform(hidden, index).to(hidden.dtype)
         _ops.latent_step(
             sampled,
             hidden,
@@ -741,6 +790,8 @@ def generate(
     check_every: int = DEFAULT_CHECK_EVERY,
     logits_processor: LogitsProcessor | None = None,
     streamer: Streamer | None = None,
+    latent_transform: LatentTransform | None = None,
+    hide_latents: bool = False,
 ) -> GenerateOutput:
     """Decode a batch with latent feedback.
 
@@ -764,6 +815,9 @@ def generate(
         logits_processor: `fn(logits [B, V] float32, index [B] int64) -> logits`, applied before
             sampling (testing/benchmark hook; must be graph-safe on CUDA).
         streamer: `fn(row, new_ids)` called at each host check with the new output tokens.
+        latent_transform: `fn(vectors [B, H], trace_index [B]) -> [B, H]` replaces every fed-back
+            latent (interventions such as zero / noise / shuffle); decodes without CUDA graphs.
+        hide_latents: mask each latent block's slots from every token after the block.
 
     Greedy results do not depend on the batch composition (up to floating-point ties).
     """
@@ -784,4 +838,6 @@ def generate(
         check_every=check_every,
         logits_processor=logits_processor,
         streamer=streamer,
+        latent_transform=latent_transform,
+        hide_latents=hide_latents,
     )

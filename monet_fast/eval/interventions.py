@@ -25,10 +25,11 @@ fed-back hidden states [B, H]:
 
 Decoder-level interventions leave the vectors alone and are read as flags:
 
-* `mask`      -- `masks_latent_slots`: latent positions are hidden from every later token
-  (attention mask), so the answer cannot read the latents directly.
-* `no-latent` -- `skips_latent_blocks`: the decoder forces `</abs_vis_token>` right after
-  `<abs_vis_token>`, i.e. zero latent steps.
+* `mask`      -- `masks_latent_slots`: once a latent block has closed, its latent positions are
+  hidden from every later token (attention mask), so the answer cannot read the latents
+  directly (inside the block the latent chain is untouched).
+* `no-latent` -- `skips_latent_blocks`: `<abs_vis_token>` is masked out of the logits, so the
+  decoder never opens a latent block (zero latent steps; the model answers in text only).
 
 `sample_index` is the sample's position in the evaluated list (the same in every run) and `step`
 its latent's flat index within that sample's whole trace (block-major, counting across blocks,
@@ -156,7 +157,7 @@ class LatentIntervention:
 
     @property
     def skips_latent_blocks(self) -> bool:
-        """The decoder must force </abs_vis_token> right after <abs_vis_token> (0 latent steps)."""
+        """The decoder must never open a latent block (<abs_vis_token> masked out)."""
         return self.name == "no-latent"
 
     @property
