@@ -126,3 +126,13 @@ def test_options_and_config(samples):
         SyntheticTaskConfig(shapes=("circle",))
     with pytest.raises(ValueError, match="target_size must satisfy"):
         SyntheticTaskConfig(target_size=(8, 40))
+
+
+def test_unshuffled_choices_fix_each_colour_letter():
+    from monet_fast.data.synthetic import LETTERS, SyntheticTaskConfig
+
+    colors = ("red", "green", "blue", "yellow")
+    cfg = SyntheticTaskConfig(colors=colors, n_choices=4, shuffle_choices=False)
+    for s in make_samples(12, seed=3, config=cfg):
+        assert s.choices == list(colors)
+        assert s.answer == LETTERS[colors.index(s.meta["target_color"])]

@@ -77,6 +77,9 @@ class SyntheticTaskConfig:
     shapes: tuple[str, ...] = SHAPES
     colors: tuple[str, ...] = tuple(PALETTE)
     distractor_colors: str = "choices"  # "choices": option colours only; "palette": any colour
+    # False lists the options in palette order (the letter of a colour is then fixed: an easier
+    # task whose answer needs no reading of the options, used by the tiny demo).
+    shuffle_choices: bool = True
     crop_jitter: int = 4  # max offset of the crop centre from the target centre (px)
     noise: int = 10  # per-pixel grey noise amplitude over the whole canvas (+-)
     texture: int = 12  # amplitude of a random linear background gradient (+-)
@@ -198,6 +201,8 @@ def make_sample(index: int, seed: int = 0, config: SyntheticTaskConfig | None = 
     # What to ask: the target's shape and colour, the options and their order.
     shape = rng.choice(cfg.shapes)
     options = rng.sample(cfg.colors, cfg.n_choices)  # random order = shuffled options
+    if not cfg.shuffle_choices:
+        options = [c for c in cfg.colors if c in options]
     color = rng.choice(options)
     letter = LETTERS[options.index(color)]
 
