@@ -34,13 +34,7 @@ from transformers import DynamicCache
 
 from monet_fast.model import sequence as seq
 from monet_fast.model.attention import ATTN_IMPLEMENTATION
-from monet_fast.model.losses import (
-    LatentGate,
-    LossConfig,
-    alignment_per_sample,
-    latent_proxy_loss,
-    weighted_ce_sum,
-)
+from monet_fast.model.losses import LatentGate, LossConfig, stage_loss, weighted_ce_sum
 
 
 @dataclass
@@ -67,6 +61,7 @@ class LatentForwardOutput:
     obs_states: list[torch.Tensor] | None = None
     slot_states: list[torch.Tensor] | None = None
     logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None  # [B, L, H] post-norm last hidden states (return_hidden)
     extras: dict = field(default_factory=dict)
 
 
@@ -230,6 +225,7 @@ def latent_forward(
     latents: list[torch.Tensor] | None = None,
     return_states: bool = False,
     return_logits: bool = False,
+    return_hidden: bool = False,
     teacher_layers: list[int] | None = None,
 ) -> LatentForwardOutput:
     """Run a collated batch through the model with latent feedback and compute the stage losses.
@@ -241,6 +237,9 @@ def latent_forward(
     latents: optional per-sample [n_slots, hidden] vectors to feed instead of the fed-back
       hidden states (replaying rollouts, interventions).
     return_states: also return all-layer states at observation positions and latent slots.
+    return_hidden: also return the final post-norm hidden states [B, L, H] in the original
+      (batch) coordinates, zero at padding; differentiable. VLPO reads its latent means and
+      token logits off them without materialising [B, L, V] logits.
     teacher_layers: hidden-state indices the teacher tensors hold (a cached layer subset); the
       alignment then compares those layers of the student only. None = all layers.
     """
@@ -389,51 +388,31 @@ def latent_forward(
     obs_states = gather_states(lambda lay: lay.observation_positions) if want_obs else None
     slot_states = gather_states(lambda lay: lay.slot_positions) if want_slots else None
 
-    align_sum = ce_sum.new_zeros(())
-    align_count = 0
-    align_loss = None
-    loss = ce_loss
-    if teacher is not None and stage in ("stage2", "stage3"):
-        student = obs_states if stage == "stage2" else slot_states
-        if teacher_layers is not None:
-            student = [s[list(teacher_layers)] for s in student]
-        for b in range(bsz):
-            tgt = teacher[b].to(device)
-            if tgt.shape[1] != student[b].shape[1] or tgt.shape[0] != student[b].shape[0]:
-                what = "observation tokens" if stage == "stage2" else "latent slots"
-                raise ValueError(
-                    f"sample {batch['keys'][b]}: teacher has {tgt.shape[1]} positions and "
-                    f"{tgt.shape[0]} layers, the student sequence has {student[b].shape[1]} "
-                    f"{what} and {student[b].shape[0]} layers"
-                )
-            if tgt.shape[1] == 0:
-                continue
-            align_sum = align_sum + alignment_per_sample(tgt, student[b])
-            align_count += 1
-        align_loss = align_sum / max(align_count, 1)
-        if stage == "stage2" and cfg.latent_proxy_weight > 0:
-            proxy = latent_proxy_loss(
-                align_loss, step_inputs, gate_state, cfg.align_weight, cfg.latent_proxy_weight
-            )
-            loss = ce_loss + (proxy - proxy.detach()) + (cfg.align_weight * align_loss).detach()
-        else:
-            loss = ce_loss + cfg.align_weight * align_loss
+    student = obs_states if stage == "stage2" else slot_states
+    if student is not None and teacher_layers is not None:
+        student = [st[list(teacher_layers)] for st in student]
+    loss, align_loss, align_sum, align_count = stage_loss(
+        stage, ce_loss, student, teacher, cfg, step_inputs, gate_state, batch["keys"]
+    )
 
-    logits = None
-    if return_logits:
-        full = model.lm_head(hidden)
-        logits = torch.stack(
+    hidden_out = None
+    if return_hidden or return_logits:
+        # Back to the batch's own coordinates (zero at padding).
+        hidden_out = torch.stack(
             [
-                full[b]
-                .new_zeros(layouts[b].length, full.shape[-1])
+                hidden[b]
+                .new_zeros(layouts[b].length, hidden.shape[-1])
                 .index_copy(
                     0,
                     (aligned.col[b] >= 0).nonzero().flatten().to(device),
-                    full[b, aligned.col[b][aligned.col[b] >= 0].to(device)],
+                    hidden[b, aligned.col[b][aligned.col[b] >= 0].to(device)],
                 )
                 for b in range(bsz)
             ]
         )
+    logits = model.lm_head(hidden_out) if return_logits else None
+    if not return_hidden:
+        hidden_out = None
     return LatentForwardOutput(
         latents=per_sample_latents,
         loss=loss,
@@ -447,4 +426,5 @@ def latent_forward(
         obs_states=obs_states,
         slot_states=slot_states,
         logits=logits,
+        hidden=hidden_out,
     )

@@ -22,13 +22,7 @@ from transformers import DynamicCache
 
 from monet_fast.model import sequence as seq
 from monet_fast.model.latent import LatentForwardOutput, embed_inputs
-from monet_fast.model.losses import (
-    LatentGate,
-    LossConfig,
-    alignment_per_sample,
-    latent_proxy_loss,
-    weighted_ce_sum,
-)
+from monet_fast.model.losses import LatentGate, LossConfig, stage_loss, weighted_ce_sum
 
 MASK_MODES = ("reference", "consistent")
 
@@ -145,25 +139,16 @@ def reference_latent_forward(
         n_targets += int(t.numel())
 
     ce_loss = ce_sum / ce_weight.clamp_min(1.0)
-    align_sum = ce_sum.new_zeros(())
-    align_count = 0
-    align_loss = None
-    loss = ce_loss
-    if teacher is not None and stage in ("stage2", "stage3"):
-        student = obs_states if stage == "stage2" else slot_states
-        for b in range(len(layouts)):
-            if student[b].shape[1] == 0:
-                continue
-            align_sum = align_sum + alignment_per_sample(teacher[b].to(device), student[b])
-            align_count += 1
-        align_loss = align_sum / max(align_count, 1)
-        if stage == "stage2" and cfg.latent_proxy_weight > 0:
-            proxy = latent_proxy_loss(
-                align_loss, gated, gate_state, cfg.align_weight, cfg.latent_proxy_weight
-            )
-            loss = ce_loss + (proxy - proxy.detach()) + (cfg.align_weight * align_loss).detach()
-        else:
-            loss = ce_loss + cfg.align_weight * align_loss
+    loss, align_loss, align_sum, align_count = stage_loss(
+        stage,
+        ce_loss,
+        obs_states if stage == "stage2" else slot_states,
+        teacher,
+        cfg,
+        gated,
+        gate_state,
+        batch["keys"],
+    )
     return LatentForwardOutput(
         latents=latents,
         loss=loss,

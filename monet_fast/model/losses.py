@@ -113,3 +113,47 @@ def latent_proxy_loss(
         if g is not None:
             proxy = proxy + (v * g.detach()).sum()
     return proxy_weight * proxy
+
+
+def stage_loss(
+    stage: str,
+    ce_loss: torch.Tensor,
+    student: list[torch.Tensor] | None,
+    teacher: list[torch.Tensor] | None,
+    cfg: LossConfig,
+    gated_latents: list[torch.Tensor],
+    gate_state: dict,
+    keys: list[str],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+    """The stage objective from the CE and the all-layer student states at the aligned positions
+    (observation tokens in stage 2, latent slots in stage 3).
+
+    Returns (loss, align_loss, align_sum, align_count). Stage 2 routes the alignment gradient
+    through the latents only (`latent_proxy_loss`); stage 3 back-propagates it normally.
+    """
+    align_sum = ce_loss.new_zeros(())
+    if teacher is None or stage not in ("stage2", "stage3"):
+        return ce_loss, None, align_sum, 0
+    what = "observation tokens" if stage == "stage2" else "latent slots"
+    align_count = 0
+    for key, tgt, stu in zip(keys, teacher, student):
+        tgt = tgt.to(stu.device)
+        if tgt.shape[:2] != stu.shape[:2]:
+            raise ValueError(
+                f"sample {key}: teacher has {tgt.shape[1]} positions and {tgt.shape[0]} layers, "
+                f"the student sequence has {stu.shape[1]} {what} and {stu.shape[0]} layers"
+            )
+        if tgt.shape[1] == 0:
+            continue
+        align_sum = align_sum + alignment_per_sample(tgt, stu)
+        align_count += 1
+    align_loss = align_sum / max(align_count, 1)
+    if stage == "stage2" and cfg.latent_proxy_weight > 0:
+        proxy = latent_proxy_loss(
+            align_loss, gated_latents, gate_state, cfg.align_weight, cfg.latent_proxy_weight
+        )
+        # Value: the true weighted objective; gradient: CE + the latent-routed alignment.
+        loss = ce_loss + (proxy - proxy.detach()) + (cfg.align_weight * align_loss).detach()
+    else:
+        loss = ce_loss + cfg.align_weight * align_loss
+    return loss, align_loss, align_sum, align_count
