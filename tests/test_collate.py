@@ -93,3 +93,17 @@ def test_collate_errors(tiny):
         collate(make_samples(1), processor, "stage9")
     with pytest.raises(ValueError, match="padding_side"):
         collate(make_samples(1), processor, "stage1", padding_side="middle")
+
+
+def test_observation_tags_can_carry_labels(tiny):
+    _, processor = tiny
+    ids = TokenIds.from_tokenizer(processor.tokenizer)
+    samples = make_samples(2, seed=0)
+    plain = collate(samples, processor, "stage3", latent_size=2)
+    tagged = collate(samples, processor, "stage3", latent_size=2, label_observation_tags=True)
+    tags = (plain["input_ids"] == ids.obs_start) | (plain["input_ids"] == ids.obs_end)
+    assert tags.any()
+    assert (plain["labels"][tags] == -100).all()  # the reference ignores the tags
+    assert (tagged["labels"][tags] == plain["input_ids"][tags]).all()
+    assert torch.equal(plain["labels"][~tags], tagged["labels"][~tags])
+    assert torch.equal(plain["observation_mask"], tagged["observation_mask"])

@@ -23,6 +23,7 @@ def collate(
     latent_size: int = 8,
     *,
     padding_side: str = "right",
+    label_observation_tags: bool = False,
 ) -> dict:
     """Tokenise `samples` for `stage` and build everything the losses and the latent forward need.
 
@@ -37,6 +38,9 @@ def collate(
       masked_rows                      [B, L, 4] int32 compact stage-2 mask (stage2 only, else None)
       layouts                          list[SequenceLayout], one per sample
       stage, latent_size, keys         what was built and for which samples
+
+    label_observation_tags: give `<observation>`/`</observation>` CE labels (the reference
+    ignores them; see `monet_fast.model.sequence.ignored_label_ids`).
     """
     seq.check_stage(stage)
     if not samples:
@@ -62,7 +66,7 @@ def collate(
 
     token_ids = TokenIds.from_tokenizer(tokenizer)
     pattern = assistant_pattern(tokenizer)
-    ignore = seq.ignored_label_ids(token_ids, stage)
+    ignore = seq.ignored_label_ids(token_ids, stage, label_observation_tags)
     input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
     layouts, labels, obs = [], [], []
     for b in range(input_ids.shape[0]):

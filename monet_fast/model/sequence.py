@@ -229,17 +229,24 @@ def layout_from_ids(
     )
 
 
-def ignored_label_ids(token_ids: T.TokenIds, stage: str) -> set[int]:
-    """Token ids that never carry CE loss in `stage` (the reference's ignore lists)."""
+def ignored_label_ids(
+    token_ids: T.TokenIds, stage: str, label_observation_tags: bool = False
+) -> set[int]:
+    """Token ids that never carry CE loss in `stage` (the reference's ignore lists).
+
+    The reference also ignores `<observation>`/`</observation>`, so its models never learn to
+    write them: after a latent block the next token is untrained. `label_observation_tags=True`
+    trains the tags like text (the observation weight still applies to the content only).
+    """
     check_stage(stage)
     ignore = {
         token_ids.endoftext,
         token_ids.image_pad,
         token_ids.vision_start,
         token_ids.vision_end,
-        token_ids.obs_start,
-        token_ids.obs_end,
     }
+    if not label_observation_tags:
+        ignore |= {token_ids.obs_start, token_ids.obs_end}
     if stage != "stage1":
         ignore |= {token_ids.latent_pad, token_ids.latent_end}
     return ignore

@@ -88,6 +88,9 @@ class LossSection:
     obs_weight: float | None = None  # observation CE weight (reference: 2.0 stage 1, 4.0 after)
     align_weight: float = 2.0
     latent_proxy_weight: float = 2.0  # stage 2: alignment reaches params only via latents
+    # True: <observation>/</observation> carry CE, so the model learns to open an observation
+    # after a latent block at inference. The reference ignores them (False).
+    observation_tags: bool = False
 
 
 @dataclass

@@ -201,8 +201,10 @@ class SFTCollator:
         cache: Any = None,
         on_error: str = "raise",
         with_teacher: bool = False,
+        label_observation_tags: bool = False,
     ) -> None:
         self.processor = processor
+        self.label_observation_tags = label_observation_tags
         self.student_stage = student_stage
         self.latent_size = latent_size
         self.obs_weight = obs_weight
@@ -212,7 +214,13 @@ class SFTCollator:
         self.with_teacher = with_teacher
 
     def _collate(self, samples: list[Sample]) -> dict:
-        return collate(samples, self.processor, f"stage{self.student_stage}", self.latent_size)
+        return collate(
+            samples,
+            self.processor,
+            f"stage{self.student_stage}",
+            self.latent_size,
+            label_observation_tags=self.label_observation_tags,
+        )
 
     def __call__(self, originals: Sequence[Sample]) -> MicroBatch:
         # Cache entries are keyed and fingerprinted by the original (un-resized) sample.

@@ -478,6 +478,7 @@ class SFTRecipe:
             image_budget=cfg.data.image_budget,
             cache=self.teacher_cache,
             on_error=cfg.data.on_error,
+            label_observation_tags=cfg.loss.observation_tags,
             with_teacher=self.teacher_cache is not None or self.online_teacher is not None,
         )
         module = LatentTrainModule(
@@ -691,6 +692,7 @@ class SFTRecipe:
             self.obs_weight,
             image_budget=cfg.data.image_budget,
             on_error=cfg.eval.data.on_error,
+            label_observation_tags=cfg.loss.observation_tags,
         )
         self.model.eval()
         ce_sum = ce_w = 0.0
