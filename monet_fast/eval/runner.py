@@ -134,10 +134,15 @@ def evaluate(
     if not samples:
         raise ValueError("no samples to evaluate")
     runs: dict[str, InterventionRun] = {}
+    skipped: dict[str, str] = {}
     for name in cfg.interventions:
         iv = LatentIntervention(name, seed=cfg.seed)
         if iv.needs_fit:
-            iv.fit(runs["none"].traces)
+            try:
+                iv.fit(runs["none"].traces)
+            except ValueError as err:  # e.g. shuffle when fewer than 2 samples produced latents
+                skipped[name] = str(err)
+                continue
         runs[name] = run_intervention(model, processor, samples, iv, cfg)
     report = build_report(
         {name: run.items for name, run in runs.items()},
@@ -154,6 +159,7 @@ def evaluate(
         name: {"tokens_per_s": run.tokens / max(run.seconds, 1e-9), "seconds": run.seconds}
         for name, run in runs.items()
     }
+    report["skipped_interventions"] = skipped
     report["predictions"] = {
         name: [item.to_dict() for item in run.items] for name, run in runs.items()
     }
