@@ -35,6 +35,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 COMMAND_MODULES: list[str] = [
     "monet_fast.demo",
     "monet_fast.train.cli",
+    "monet_fast.train.rl_cli",
     "monet_fast.decode.cli",
     "monet_fast.eval.cli",
 ]

@@ -1,0 +1,1370 @@
+"""VLPO (Monet's latent GRPO) on DeepSpeed: rollouts through our engine, judge-free rewards.
+
+    monet-fast rl --config configs/tiny/vlpo.yaml --init runs/tiny/stage3/hf --output runs/tiny/vlpo
+    python -m monet_fast.train.vlpo --config configs/qwen2_5_vl_7b/vlpo.yaml --init ... --output ...
+    torchrun --nproc_per_node 8 -m monet_fast.train.vlpo --config ... --init ... --output ...
+
+Python: `rl(config="configs/tiny/vlpo.yaml", init="runs/tiny/stage3/hf", output="runs/rl")`.
+
+One RL step (every rank, `VLPORecipe.train`):
+
+    prompts   = this rank's share of the step's prompt batch (seeded order, as SFT's data order)
+    rollouts  = generate(policy, G samples per prompt, T, top-p, K latents per block)   decode/
+    rewards   = 0.9 correct + 0.1 format (rules; optional judge)                        rewards.py
+    A         = group-normalised rewards (GRPO)                                          grpo.py
+    keep      = groups whose accuracy lies in (acc_low, acc_high]; none left -> skip the step
+    ref/old   = per-step log-probs of the frozen reference (KL) [and of the policy when one
+                rollout batch feeds several optimizer steps]                             rollout.py
+    for each mini-batch of kept groups (one optimizer step each):
+        loss = Σ steps [clipped surrogate + kl_coef low_var_kl] / N_steps(mini-batch, all ranks)
+        engine.backward per micro-batch; engine.step once (caller-owned accumulation boundary)
+
+Step counter: `global_step` counts RL steps (rollout batches), skipped or not; a step consumes
+its prompts either way, so data order and rollout seeds are functions of the step index and a
+resumed run reproduces the uninterrupted one. `optimizer_steps` and `skipped_steps` are kept in
+the resume record and logged.
+
+Deviations from the reference (REFERENCE.md §5), on purpose:
+  * the latent term is applied (the released actor silently falls back to token-only log-probs)
+    and its mean is paired with the position that produced the latent (`vlpo.latent_pairing:
+    reference` reproduces the reference's same-position pairing);
+  * latents stay in the model dtype they were fed back in and the log-prob is fp32 (fused kernel);
+  * online filtering is per RL step (the reference pools 256 prompts until 64 survive and
+    crashes when too few do); a step without a usable group is skipped and logged;
+  * loss = token-level mean over the whole mini-batch (see grpo.py); the judge is optional.
+Only the `sft` latent layout is trained (our SFT stages); K comes from model.latent_size.
+
+On the latent term: rollout latents are the Gaussian mean itself (deterministic, as in the
+reference), so at the rollout policy d log N(z; mu, sigma^2) / d mu = (z - mu) / sigma^2 = 0 with
+the correct pairing: the first optimizer step on a rollout batch gets no gradient from latent
+steps, and later mini-batches of the same batch (trainer.mini_batch_prompts < prompts_per_step)
+see a clipped, advantage-weighted pull of mu towards the rollout latent (A > 0) or away from it
+(A < 0), plus the KL to the reference. With `latent_pairing: reference` the term is non-zero from
+the start, but it then compares the state at p with the input at p, which no policy produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from monet_fast.model.tokens import TokenIds
+from monet_fast.train import checkpoint as ckpt
+from monet_fast.train import grpo
+from monet_fast.train.config import (
+    ConfigError,
+    DataSection,
+    DeepSpeedSection,
+    LoggingSection,
+    ModelSection,
+    OptimSection,
+    SchedulerSection,
+    _build,
+    _one_of,
+    _positive,
+    _validate_data,
+    apply_overrides,
+)
+from monet_fast.train.data import dataset_fingerprint, epoch_order
+from monet_fast.train.loop import (
+    SFTRecipe,
+    _all_reduce_sum,
+    _quiet_deepspeed,
+    build_deepspeed_config,
+    build_optimizer,
+    lr_lambda,
+)
+from monet_fast.train.metrics import MetricsLogger
+from monet_fast.train.rewards import FORMAT_RULES, MonetReward, build_judge
+from monet_fast.train.rollout import (
+    PAIRINGS,
+    BanTokens,
+    ReplayBatch,
+    Rollout,
+    build_replay_batch,
+    default_ban_ids,
+    generate_rollouts,
+    load_prompts,
+    prepare_prompt,
+    step_counts,
+    step_logprobs,
+)
+
+logger = logging.getLogger("monet_fast.train")
+
+REF_MODES: tuple[str, ...] = ("copy", "offload", "zero3", "none")
+KL_TYPES: tuple[str, ...] = ("low_var_kl",)
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+RL_DATA_KINDS: tuple[str, ...] = ("synthetic", "monet_sft", "prompts")
+
+
+@dataclass
+class RLDataSection(DataSection):
+    """Prompts to roll out: the SFT data kinds plus `prompts` (question + image(s) + answer).
+
+    kind prompts: a .jsonl (one object per line) or .json list of {"question": str, "image":
+    path or [paths] (relative to `root`), "answer": str, "choices": [str] (optional: multiple
+    choice, answer = letter or option text), "id": str (optional), "system": str (optional)}.
+    Only the question and the gold answer are used; a Monet-SFT sample's reasoning is ignored.
+    """
+
+    synthetic: dict = field(default_factory=dict)  # synthetic task options, e.g. {n_choices: 2}
+
+
+@dataclass
+class RolloutSection:
+    """How responses are sampled (reference: vLLM, n=8, T=0.5, top-p 0.99)."""
+
+    group_size: int = 8  # G responses per prompt
+    prompts_per_step: int = 64  # prompts per RL step, all ranks together
+    temperature: float = 0.5  # text tokens; latent steps are deterministic (the mean)
+    top_p: float = 0.99
+    max_new_tokens: int = 4096  # latent steps and forced tokens included
+    batch_size: int = 64  # sequences per generate() call
+    max_latent_blocks: int | None = None  # cap on latent blocks per response (None = no cap)
+    prompt_suffix: str | None = None  # appended to the question text (reference: format prompt)
+    cuda_graphs: bool = True  # decode with CUDA graphs (off automatically under ZeRO-3)
+
+
+@dataclass
+class ObjectiveSection:
+    """The VLPO objective (reference: EasyR1 GRPO with latent Gaussian actions)."""
+
+    sigma: float = 10.0  # latent policy scale: log p(z) = -||z - mu||^2 / (2 sigma^2)
+    clip_low: float = 0.2
+    clip_high: float = 0.3
+    clip_ratio_dual: float = 3.0
+    kl_coef: float = 0.01  # low_var_kl loss to the frozen reference model; 0 disables
+    kl_type: str = "low_var_kl"
+    latent_pairing: str = "correct"  # correct: mu at p-1 (what produced z) | reference: mu at p
+    latent_term: bool = True  # false = token-only log-probs (what the released code runs)
+    adv_eps: float = 1e-6
+
+
+@dataclass
+class FilterSection:
+    """Online difficulty filter: keep prompt groups with acc_low < accuracy <= acc_high."""
+
+    enabled: bool = True
+    acc_low: float = 0.0
+    acc_high: float = 0.6
+    min_groups: int = 1  # fewer kept groups (all ranks) -> the step is skipped
+
+
+@dataclass
+class RewardFnSection:
+    name: str = ""  # "package.module:function", fn(text, sample, info) -> float
+    weight: float = 1.0
+
+
+@dataclass
+class JudgeSection:
+    """Optional OpenAI-compatible judge for rule-wrong answers; off unless base_url is set."""
+
+    base_url: str | None = None  # e.g. http://localhost:8000/v1
+    model: str | None = None
+    api_key_env: str | None = "OPENAI_API_KEY"
+    timeout: float = 30.0
+    retries: int = 2
+
+
+@dataclass
+class RewardSection:
+    correct_weight: float = 0.9
+    format_weight: float = 0.1
+    format_rule: str = "boxed"  # boxed (reference) | latent_boxed
+    functions: list[RewardFnSection] = field(default_factory=list)
+    judge: JudgeSection = field(default_factory=JudgeSection)
+
+
+@dataclass
+class RefSection:
+    """The frozen reference model of the KL term."""
+
+    mode: str = "copy"  # copy (on device) | offload (CPU, moved in per step) | zero3 | none
+    model: str | None = None  # None = the init model
+    offload_param: bool = False  # zero3: keep the partitions in CPU memory
+
+
+@dataclass
+class RLTrainerSection:
+    max_steps: int | None = None  # RL steps (rollout batches); None = epochs over the prompts
+    epochs: int = 1
+    mini_batch_prompts: int = 16  # prompt groups per optimizer step (reference 16)
+    micro_batch_size: int = 2  # sequences per forward per rank
+    log_every: int = 1
+    save_every: int = 0  # RL steps between checkpoints; 0 = final checkpoint only
+    keep_last: int = 2
+    export: bool = True
+    shuffle: bool = True
+
+
+@dataclass
+class RLEvalSection:
+    every: int = 0  # RL steps between evaluations on held-out prompts; 0 = never
+    at_start: bool = False  # also evaluate before the first step (logged as an event)
+    data: RLDataSection | None = None
+    samples_per_prompt: int = 1
+    temperature: float = 0.0  # 0 = greedy (reference validation: T 0.1, n 1)
+    max_new_tokens: int | None = None  # None = rollout.max_new_tokens
+
+
+@dataclass
+class RLConfig:
+    """A whole VLPO run. `source` is the YAML file it came from (for relative paths)."""
+
+    seed: int = 42
+    output: str | None = None
+    model: ModelSection = field(default_factory=ModelSection)
+    data: RLDataSection = field(default_factory=RLDataSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    vlpo: ObjectiveSection = field(default_factory=ObjectiveSection)
+    filter: FilterSection = field(default_factory=FilterSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    ref: RefSection = field(default_factory=RefSection)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-6))
+    scheduler: SchedulerSection = field(
+        default_factory=lambda: SchedulerSection(name="constant", warmup_steps=0)
+    )
+    trainer: RLTrainerSection = field(default_factory=RLTrainerSection)
+    eval: RLEvalSection = field(default_factory=RLEvalSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def resolved_deepspeed_json(self) -> Path | None:
+        if self.deepspeed.config is None:
+            return None
+        p = Path(self.deepspeed.config)
+        if not p.is_absolute() and self.source is not None:
+            p = Path(self.source).parent / p
+        return p
+
+    def validate(self) -> RLConfig:
+        _validate_rl(self)
+        return self
+
+
+def _validate_rl_data(d: RLDataSection, key: str) -> None:
+    if d.kind == "prompts":
+        if not d.path:
+            raise ConfigError(f"{key}.kind is prompts but {key}.path is not set (a .jsonl/.json)")
+        _one_of(f"{key}.on_error", d.on_error, ("raise", "skip"))
+        _positive(f"{key}.limit", d.limit)
+    else:
+        _one_of(f"{key}.kind", d.kind, RL_DATA_KINDS)
+        _validate_data(d, key)
+    if d.synthetic and d.kind != "synthetic":
+        raise ConfigError(f"{key}.synthetic options need {key}.kind synthetic")
+    if d.synthetic:
+        from monet_fast.data.synthetic import SyntheticTaskConfig
+
+        try:
+            SyntheticTaskConfig().with_options(**d.synthetic)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{key}.synthetic: {err}") from err
+
+
+def _validate_rl(cfg: RLConfig) -> None:
+    m = cfg.model
+    _one_of("model.precision", m.precision, ("auto", "bf16", "fp32"))
+    if m.latent_size < 1:
+        raise ConfigError(f"model.latent_size must be >= 1, got {m.latent_size}")
+    if m.init is None and m.tiny_seed is None:
+        raise ConfigError(
+            "no model: pass --init DIR (the SFT model), or set model.tiny_seed for the tiny model"
+        )
+    if m.gradient_checkpointing:
+        raise ConfigError(
+            "model.gradient_checkpointing must be false for VLPO: the replay runs the latent "
+            "forward over a KV cache, which transformers' checkpointed layers drop in training"
+        )
+    if m.precision == "bf16" and not torch.cuda.is_available():
+        raise ConfigError("model.precision bf16 needs a CUDA GPU; CPU runs in fp32")
+    _validate_rl_data(cfg.data, "data")
+
+    r = cfg.rollout
+    for name in ("group_size", "prompts_per_step", "max_new_tokens", "batch_size"):
+        _positive(f"rollout.{name}", getattr(r, name))
+    _positive("rollout.temperature", r.temperature)
+    if not 0 < r.top_p <= 1:
+        raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p!r}")
+    _positive("rollout.max_latent_blocks", r.max_latent_blocks, allow_zero=True)
+
+    o = cfg.vlpo
+    _positive("vlpo.sigma", o.sigma)
+    if not 0 <= o.clip_low < 1:
+        raise ConfigError(f"vlpo.clip_low must be in [0, 1), got {o.clip_low!r}")
+    _positive("vlpo.clip_high", o.clip_high, allow_zero=True)
+    if not o.clip_ratio_dual > 1:
+        raise ConfigError(f"vlpo.clip_ratio_dual must be > 1, got {o.clip_ratio_dual!r}")
+    _positive("vlpo.kl_coef", o.kl_coef, allow_zero=True)
+    _one_of("vlpo.kl_type", o.kl_type, KL_TYPES)
+    _one_of("vlpo.latent_pairing", o.latent_pairing, PAIRINGS)
+    _positive("vlpo.adv_eps", o.adv_eps)
+
+    f = cfg.filter
+    if not 0 <= f.acc_low < f.acc_high <= 1:
+        raise ConfigError(
+            f"filter band must satisfy 0 <= acc_low < acc_high <= 1, got ({f.acc_low}, "
+            f"{f.acc_high}]"
+        )
+    _positive("filter.min_groups", f.min_groups)
+
+    rw = cfg.reward
+    _one_of("reward.format_rule", rw.format_rule, FORMAT_RULES)
+    for i, fn in enumerate(rw.functions):
+        if ":" not in fn.name:
+            raise ConfigError(
+                f"reward.functions[{i}].name must be 'package.module:function', got {fn.name!r}"
+            )
+    j = rw.judge
+    if j.base_url and not j.model:
+        raise ConfigError("reward.judge.base_url is set but reward.judge.model is not")
+    _positive("reward.judge.timeout", j.timeout)
+    _positive("reward.judge.retries", j.retries, allow_zero=True)
+
+    _one_of("ref.mode", cfg.ref.mode, REF_MODES)
+    if cfg.ref.mode == "none" and o.kl_coef > 0:
+        raise ConfigError(
+            f"ref.mode none has no reference model but vlpo.kl_coef is {o.kl_coef}; set "
+            "vlpo.kl_coef=0 or choose ref.mode copy | offload | zero3"
+        )
+    if cfg.ref.offload_param and cfg.ref.mode != "zero3":
+        raise ConfigError("ref.offload_param needs ref.mode zero3")
+
+    _one_of("optim.name", cfg.optim.name, ("adamw", "sgd"))
+    _positive("optim.lr", cfg.optim.lr)
+    _positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
+    _one_of("scheduler.name", cfg.scheduler.name, ("linear", "cosine", "constant"))
+    _positive("scheduler.warmup_steps", cfg.scheduler.warmup_steps, allow_zero=True)
+
+    t = cfg.trainer
+    for name in ("epochs", "mini_batch_prompts", "micro_batch_size", "log_every", "max_steps"):
+        _positive(f"trainer.{name}", getattr(t, name))
+    _positive("trainer.save_every", t.save_every, allow_zero=True)
+    _positive("trainer.keep_last", t.keep_last)
+
+    ev = cfg.eval
+    _positive("eval.every", ev.every, allow_zero=True)
+    _positive("eval.samples_per_prompt", ev.samples_per_prompt)
+    _positive("eval.temperature", ev.temperature, allow_zero=True)
+    _positive("eval.max_new_tokens", ev.max_new_tokens)
+    if (ev.every or ev.at_start) and ev.data is None:
+        raise ConfigError("eval.every / eval.at_start is set but eval.data is not")
+    if ev.data is not None:
+        _validate_rl_data(ev.data, "eval.data")
+
+    ds = cfg.deepspeed
+    if ds.zero_stage is not None:
+        _one_of("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2, 3))
+    p = cfg.resolved_deepspeed_json()
+    if p is not None and not p.is_file():
+        raise ConfigError(f"deepspeed.config {str(p)!r} does not exist")
+
+
+def load_rl_config(path: str | Path | None, overrides: list[str] | None = None) -> RLConfig:
+    """Read a VLPO YAML config, apply `key=value` overrides, validate."""
+    values: dict = {}
+    source = None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+        try:
+            values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p} is not valid YAML: {err}") from err
+        source = str(p)
+    values = apply_overrides(values, list(overrides or []))
+    if not isinstance(values, dict):
+        raise ConfigError(f"a config must be a YAML mapping, got {type(values).__name__}")
+    cfg = _build(RLConfig, values)
+    cfg.source = source
+    return cfg.validate()
+
+
+# --------------------------------------------------------------------------------------------
+# Resume record and logging
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RLProgress(ckpt.TrainingProgress):
+    """TrainingProgress plus RL counters. global_step = RL steps; global_batch_size = prompts
+    per RL step; samples_seen = prompts; tokens_seen = generated tokens (latent steps included)."""
+
+    optimizer_steps: int = 0
+    skipped_steps: int = 0
+
+
+def load_rl_checkpoint(engine: Any, root: str | Path, tag: str) -> RLProgress:
+    """`checkpoint.load_checkpoint` with the RL counters kept (its record type is the base)."""
+    path, client = engine.load_checkpoint(
+        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None or client is None or ckpt._CLIENT_KEY not in client:
+        raise FileNotFoundError(
+            f"checkpoint {Path(root) / tag} could not be loaded or carries no monet_fast "
+            "progress record"
+        )
+    progress = RLProgress.from_state_dict(client[ckpt._CLIENT_KEY])
+    progress.restore_rng()
+    return progress
+
+
+class RLMetricsLogger(MetricsLogger):
+    """The SFT metrics logger with the progress bar showing reward, accuracy and KL."""
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        super().log(step, values)
+        if self._bar is not None:
+            keys = (("reward", "reward_mean"), ("acc", "accuracy"), ("keep", "group_keep_rate"))
+            post = {k: f"{values[v]:.3f}" for k, v in keys if values.get(v) is not None}
+            if values.get("kl") is not None:
+                post["kl"] = f"{values['kl']:.2e}"
+            if values.get("skipped"):
+                post["skip"] = values.get("skip_reason", "")
+            self._bar.set_postfix(post, refresh=False)
+
+
+@dataclass
+class RLResult:
+    """What a finished (or stopped) VLPO run produced."""
+
+    output: Path
+    global_step: int
+    rewards: list[float] = field(default_factory=list)  # reward_mean per RL step of this run
+    checkpoint: Path | None = None
+    export: Path | None = None
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# The module DeepSpeed wraps
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepScores:
+    """Frozen per-step log-probs of one micro-batch (reference model, or the pre-update policy)."""
+
+    token: torch.Tensor
+    latent: torch.Tensor
+
+
+@torch.no_grad()
+def score_steps(
+    model, replay: ReplayBatch, *, temperature: float, sigma: float, ban: BanTokens | None
+) -> StepScores:
+    """Per-step log-probs without gradient: tokens by log-softmax, latents by the fused kernel."""
+    from monet_fast.kernels import gaussian_logprob
+
+    lp = step_logprobs(model, replay, temperature=temperature, ban=ban)
+    z = replay.lat_z.to(lp.mu.device)
+    lat = (
+        gaussian_logprob(z, lp.mu, sigma) if z.numel() else lp.mu.new_zeros(0, dtype=torch.float32)
+    )
+    return StepScores(token=lp.token_logp.float(), latent=lat.float())
+
+
+class VLPOTrainModule(nn.Module):
+    """`engine(replay, old, ref, scale=...)` -> the micro-batch's share of the step objective.
+
+    old: pre-update log-probs (None = this forward's own, detached: ratio exactly 1, the
+    on-policy case of one optimizer step per rollout batch). ref: reference log-probs (None = no
+    KL). scale = world_size / N_steps of the whole optimizer step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: ObjectiveSection,
+        temperature: float,
+        ban: BanTokens | None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.temperature = temperature
+        self.ban = ban
+        self.clip = grpo.ClipConfig(
+            objective.clip_low, objective.clip_high, objective.clip_ratio_dual
+        )
+
+    def forward(
+        self,
+        replay: ReplayBatch,
+        old: StepScores | None = None,
+        ref: StepScores | None = None,
+        *,
+        scale: float = 1.0,
+    ) -> dict[str, Any]:
+        from monet_fast.kernels import gaussian_logprob
+
+        o = self.objective
+        device = self.model.device
+        lp = step_logprobs(self.model, replay, temperature=self.temperature, ban=self.ban)
+        tok_adv, lat_adv = (a.to(device) for a in replay.advantages())
+        kl_coef = o.kl_coef if ref is not None else 0.0
+        tok = grpo.token_terms(
+            lp.token_logp,
+            old.token.to(device) if old is not None else lp.token_logp.detach(),
+            tok_adv,
+            self.clip,
+            ref.token.to(device) if ref is not None else None,
+            kl_coef,
+        )
+        terms = [tok]
+        objective = tok.loss.sum()
+        if o.latent_term and replay.n_latent_steps:
+            z = replay.lat_z.to(device)
+            old_lat = (
+                old.latent.to(device)
+                if old is not None
+                else gaussian_logprob(z, lp.mu.detach(), o.sigma)
+            )
+            lat = grpo.latent_terms(
+                lp.mu,
+                z,
+                old_lat,
+                lat_adv,
+                self.clip,
+                o.sigma,
+                ref.latent.to(device) if ref is not None else None,
+                kl_coef,
+            )
+            terms.append(lat)
+            objective = objective + lat.loss.sum()
+        return {"objective": objective * scale, "terms": terms}
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe
+# --------------------------------------------------------------------------------------------
+
+
+class VLPORecipe(SFTRecipe):
+    """VLPO on DeepSpeed: the policy is a DeepSpeed engine (ZeRO-2 default, ZeRO-3 / offload by
+    config), rollouts run through `monet_fast.decode` on the policy's parameters in the same
+    processes, the reference model is frozen (a device copy, CPU-offloaded, or a ZeRO-3 shard).
+
+    Features: group rollouts with deterministic latent steps and their latent trace; rule-based
+    rewards with pluggable functions and an optional judge; GRPO advantages; clipped token and
+    latent (Gaussian, fp32 fused kernel) surrogates with dual clip; low-variance KL; online
+    difficulty filtering that never crashes; several optimizer steps per rollout batch; variable
+    micro-batch counts (caller-owned DeepSpeed accumulation boundary); JSONL metrics + progress
+    bar; atomic checkpoints, exact resume, HF export. Reuses the SFT loop's building blocks
+    (distributed init, DeepSpeed config, optimizer, checkpoints, export, metrics).
+
+    Raises (ConfigError, at construction or set-up):
+        - no model (neither --init nor model.tiny_seed); gradient checkpointing; bf16 on CPU;
+        - rollout / objective / filter / reward values out of range (see `_validate_rl`);
+        - ref.mode none with kl_coef > 0; ref.offload_param without ref.mode zero3;
+        - prompts_per_step not divisible by the number of ranks, or a dataset smaller than one
+          RL step's prompts;
+        - a DeepSpeed JSON that defines optimizer/scheduler or contradicts the config;
+        - existing checkpoints in the output directory without --resume, or --resume with none.
+    """
+
+    def __init__(self, cfg: RLConfig, *, resume: str | None = None) -> None:
+        cfg.validate()
+        if cfg.output is None:
+            raise ConfigError("no output directory: pass --output DIR or set output: in the config")
+        self.cfg = cfg
+        self.resume = resume
+        self.forward_fn = None
+        self.output = Path(cfg.output)
+        self.ckpt_root = self.output / ckpt.CHECKPOINT_DIR
+        self.engine = None
+        self.metrics: RLMetricsLogger | None = None
+        self.online_teacher = None
+        self.teacher_cache = None
+        self.ref_model = None
+        self.ref_engine = None
+
+    # ---- set-up -----------------------------------------------------------------------------
+
+    def setup_common(self, *, check_checkpoints: bool = True) -> None:
+        from monet_fast.train.loop import seed_everything, setup_distributed
+
+        cfg = self.cfg
+        self.dist = setup_distributed()
+        self.rank, self.world = self.dist.rank, self.dist.world_size
+        self.device = self.dist.device
+        seed_everything(cfg.seed)
+        if cfg.model.precision == "auto":
+            self.bf16 = self.device.type == "cuda"
+        else:
+            self.bf16 = cfg.model.precision == "bf16"
+        self.dtype = torch.bfloat16 if self.bf16 else torch.float32
+        if (
+            ckpt.latest_tag(self.ckpt_root) is not None
+            and self.resume is None
+            and check_checkpoints
+        ):
+            raise ConfigError(
+                f"{self.output} already holds checkpoints (latest: "
+                f"{ckpt.latest_tag(self.ckpt_root)}); pass --resume to continue that run or "
+                "choose another --output"
+            )
+        r = cfg.rollout
+        if r.prompts_per_step % self.world:
+            raise ConfigError(
+                f"rollout.prompts_per_step ({r.prompts_per_step}) must be divisible by the number "
+                f"of ranks ({self.world}): each rank rolls out whole groups"
+            )
+        self.local_prompts = r.prompts_per_step // self.world
+        if self.rank == 0:
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
+        self.samples, self.data_report = load_prompts(cfg.data)
+        if self.rank == 0:
+            (self.output / "data_report.json").write_text(
+                json.dumps(self.data_report.to_dict(), indent=2), encoding="utf-8"
+            )
+        self.steps_per_epoch = len(self.samples) // r.prompts_per_step
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"the dataset has {len(self.samples)} prompts, fewer than one RL step's "
+                f"rollout.prompts_per_step = {r.prompts_per_step}"
+            )
+        tr = cfg.trainer
+        self.stop_step = tr.max_steps or tr.epochs * self.steps_per_epoch
+        self.updates_per_step = math.ceil(r.prompts_per_step / tr.mini_batch_prompts)
+        self.total_steps = cfg.scheduler.total_steps or self.stop_step * self.updates_per_step
+
+    def _resolve_init(self, path: str | None) -> str | None:
+        """--init may name an HF directory or an SFT run directory holding hf/."""
+        if path is None:
+            return None
+        p = Path(path)
+        if not (p / "config.json").is_file() and (p / ckpt.EXPORT_DIR / "config.json").is_file():
+            return str(p / ckpt.EXPORT_DIR)
+        return path
+
+    def _ds_view(self) -> Any:
+        """What `build_deepspeed_config` reads, in RL terms (nominal accumulation count)."""
+        cfg, tr = self.cfg, self.cfg.trainer
+        seqs = tr.mini_batch_prompts * cfg.rollout.group_size
+        accum = max(1, math.ceil(seqs / self.world / tr.micro_batch_size))
+        view = argparse.Namespace(
+            trainer=argparse.Namespace(micro_batch_size=tr.micro_batch_size, grad_accum=accum),
+            optim=cfg.optim,
+            deepspeed=cfg.deepspeed,
+        )
+        view.resolved_deepspeed_json = cfg.resolved_deepspeed_json
+        return view
+
+    def setup(self) -> None:
+        """Data, policy engine, reference model, rewards; load a checkpoint when resuming."""
+        import deepspeed
+
+        self.setup_common()
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        init = self._resolve_init(cfg.model.init)
+        self.model, self.processor = self.load_model(init)
+        if cfg.model.freeze_vision:
+            self.model.model.visual.requires_grad_(False)
+        self.model.train()
+        self.latent_size = cfg.model.latent_size
+        self.ban = BanTokens(default_ban_ids(self.processor.tokenizer))
+        self.token_ids = TokenIds.from_tokenizer(self.processor.tokenizer)
+        self.reward_fn = MonetReward(
+            cfg.reward.correct_weight,
+            cfg.reward.format_weight,
+            cfg.reward.format_rule,
+            extra=[(f.name, f.weight) for f in cfg.reward.functions],
+            judge=build_judge(
+                cfg.reward.judge.base_url,
+                cfg.reward.judge.model,
+                api_key_env=cfg.reward.judge.api_key_env,
+                timeout=cfg.reward.judge.timeout,
+                retries=cfg.reward.judge.retries,
+            ),
+        )
+
+        module = VLPOTrainModule(self.model, cfg.vlpo, cfg.rollout.temperature, self.ban)
+        fused = self.device.type == "cuda" and not cfg.deepspeed.offload_optimizer
+        optimizer = build_optimizer(module, cfg.optim, fused=fused)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg.scheduler, self.total_steps)
+        )
+        self.ds_config = build_deepspeed_config(self._ds_view(), self.world, self.bf16)
+        # The number of micro-batches per optimizer step depends on how many groups the filter
+        # keeps: the caller owns the accumulation boundary (backward accumulates, step updates).
+        self.ds_config["managed_gradient_accumulation"] = False
+        zero = self.ds_config["zero_optimization"]
+        self.zero_stage = int(zero["stage"])
+        if self.zero_stage < 2 and zero.get("overlap_comm"):
+            zero["overlap_comm"] = False  # DeepSpeed: unmanaged accumulation needs it off here
+        if self.rank == 0:
+            (self.output / "deepspeed_config.json").write_text(
+                json.dumps(self.ds_config, indent=2), encoding="utf-8"
+            )
+        _quiet_deepspeed()
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config,
+            dist_init_required=False,
+        )
+        self.module = self.engine.module
+        self.model = self.module.model
+        self.setup_reference(init)
+
+        self.progress = RLProgress(
+            seed=cfg.seed,
+            global_batch_size=cfg.rollout.prompts_per_step,
+            dataset_fingerprint=dataset_fingerprint(self.samples),
+            n_samples=len(self.samples),
+            world_size=self.world,
+        )
+        if self.resume is not None:
+            root, tag = ckpt.resolve_resume(self.ckpt_root, self.resume)
+            saved = load_rl_checkpoint(self.engine, root, tag)
+            for note in ckpt.compare_progress(saved, self.progress):
+                logger.warning("resume: %s", note)
+            if self.rank == 0:
+                logger.info(
+                    "resumed %s/%s at RL step %d (optimizer step %d); seed, data and batch "
+                    "sizes from the config",
+                    root,
+                    tag,
+                    saved.global_step,
+                    saved.optimizer_steps,
+                )
+            saved.seed = self.progress.seed
+            saved.global_batch_size = self.progress.global_batch_size
+            saved.dataset_fingerprint = self.progress.dataset_fingerprint
+            saved.n_samples = len(self.samples)
+            saved.world_size = self.world
+            self.progress = saved
+
+        self.metrics = RLMetricsLogger(
+            self.output,
+            cfg.logging,
+            rank=self.rank,
+            total_steps=self.stop_step,
+            initial_step=self.progress.global_step,
+            run_config=cfg.to_dict(),
+        )
+        self.metrics.event(
+            "resume" if self.resume is not None else "start",
+            step=self.progress.global_step,
+            kind="vlpo",
+            world_size=self.world,
+            prompts_per_step=cfg.rollout.prompts_per_step,
+            group_size=cfg.rollout.group_size,
+            n_prompts=len(self.samples),
+            latent_size=self.latent_size,
+            setup_s=time.perf_counter() - t0,
+        )
+
+    def load_model(self, path: str | None) -> tuple[nn.Module, Any]:
+        # Reuses the SFT loader (it reads model.* and the resolved device / dtype only).
+        return SFTRecipe.load_model(self, path)
+
+    def setup_reference(self, init: str | None) -> None:
+        """The frozen reference model for the KL term (None with ref.mode none)."""
+        mode = self.cfg.ref.mode
+        if mode == "none":
+            return
+        path = self._resolve_init(self.cfg.ref.model) if self.cfg.ref.model else init
+        ref, _ = self.load_model(path)
+        ref.eval().requires_grad_(False)
+        if mode == "copy":
+            self.ref_model = ref
+        elif mode == "offload":
+            self.ref_model = ref.to("cpu")
+        else:
+            import deepspeed
+
+            zero = {"stage": 3}
+            if self.cfg.ref.offload_param:
+                zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+            ds = {
+                "train_micro_batch_size_per_gpu": 1,
+                "gradient_accumulation_steps": 1,
+                "train_batch_size": self.world,
+                "zero_optimization": zero,
+                "bf16": {"enabled": self.bf16},
+                "steps_per_print": 10**9,
+            }
+            self.ref_engine, *_ = deepspeed.initialize(
+                model=ref, config=ds, dist_init_required=False
+            )
+            self.ref_engine.eval()
+            self.ref_model = self.ref_engine.module
+
+    @contextmanager
+    def _reference_on_device(self):
+        """offload: hold the reference in CPU memory, move it in for the scoring pass only."""
+        if self.cfg.ref.mode == "offload" and self.device.type != "cpu":
+            self.ref_model.to(self.device)
+            try:
+                yield self.ref_model
+            finally:
+                self.ref_model.to("cpu")
+        else:
+            yield self.ref_model
+
+    @contextmanager
+    def _gathered(self):
+        """Full parameters for decoding (ZeRO-3): gathered, with DeepSpeed's module hooks lifted.
+
+        The decoder reads weights directly (embedding table, captured graphs) and ZeRO-3's
+        post-forward hooks would re-partition a gathered parameter mid-decode, so the hooks are
+        removed for the rollout and registered again afterwards (what TRL does for generation).
+        Costs a full copy of the weights per rank while decoding.
+        """
+        if self.zero_stage != 3:
+            yield
+            return
+        import deepspeed
+
+        offload = getattr(self.engine.optimizer, "parameter_offload", self.engine.optimizer)
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
+            for p in offload.module.parameters():
+                p.ds_active_sub_modules.clear()
+            for hook in [*offload.forward_hooks, *offload.backward_hooks]:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield
+            finally:
+                offload._register_deepspeed_module(offload.module)
+
+    # ---- one RL step ------------------------------------------------------------------------
+
+    def step_prompts(self, step_in_epoch: int, epoch: int) -> list:
+        """This rank's prompts for an RL step: a slice of the seeded epoch order."""
+        cfg = self.cfg
+        order = epoch_order(len(self.samples), cfg.seed, epoch, cfg.trainer.shuffle)
+        p = cfg.rollout.prompts_per_step
+        chunk = order[step_in_epoch * p : (step_in_epoch + 1) * p]
+        mine = chunk[self.rank * self.local_prompts : (self.rank + 1) * self.local_prompts]
+        return [
+            prepare_prompt(self.samples[i], cfg.data.image_budget, cfg.rollout.prompt_suffix)
+            for i in mine
+        ]
+
+    def rollout_seed(self, step: int) -> int:
+        """Sampling seed of an RL step on this rank (resume reproduces it)."""
+        return (self.cfg.seed * 1_000_003 + step * 7919 + self.rank * 104_729) % 2**62
+
+    def _check_decoder_weights(self) -> None:
+        """Captured CUDA graphs read the weights at fixed addresses. DeepSpeed updates them in
+        place (ZeRO-2 flat buffers), so graphs stay valid across steps; if any parameter storage
+        moved anyway, drop the cached decoder so the next rollout recaptures on the new weights."""
+        if self.device.type != "cuda":
+            return
+        ptrs = tuple(p.data_ptr() for p in self.model.parameters())
+        if getattr(self, "_param_ptrs", None) not in (None, ptrs):
+            from monet_fast.decode import engine as decode_engine
+
+            decode_engine._DECODERS.pop(self.model, None)
+        self._param_ptrs = ptrs
+
+    def rollouts(self, prompts: list, step: int) -> list[Rollout]:
+        r = self.cfg.rollout
+        if self.zero_stage != 3:
+            self._check_decoder_weights()
+        with self._gathered():
+            out = generate_rollouts(
+                self.model,
+                self.processor,
+                prompts,
+                group_size=r.group_size,
+                max_new_tokens=r.max_new_tokens,
+                latent_size=self.latent_size,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                seed=self.rollout_seed(step),
+                batch_size=r.batch_size,
+                ban=self.ban,
+                use_cuda_graphs=r.cuda_graphs and self.zero_stage != 3,
+                max_latent_blocks=r.max_latent_blocks,
+            )
+        for ro in out:
+            ro.reward = self.reward_fn(ro.text, ro.sample, ro.info)
+        return out
+
+    def _micro_batches(self, groups: list[list[Rollout]], step: int) -> list[list[list[Rollout]]]:
+        """Kept groups -> mini-batches (one optimizer step each) -> micro-batches of sequences.
+
+        Groups are shuffled with a per-step seed and split into `n_updates` near-equal
+        mini-batches, n_updates = ceil(kept groups on all ranks / mini_batch_prompts), the same
+        on every rank; a rank with fewer micro-batches than another runs empty ones.
+        """
+        tr = self.cfg.trainer
+        (n_global,) = _all_reduce_sum([len(groups)], self.device)
+        n_updates = max(1, math.ceil(n_global / tr.mini_batch_prompts))
+        rng = np.random.default_rng(self.cfg.seed * 31 + step * 17 + self.rank)
+        order = rng.permutation(len(groups)).tolist()
+        minis = []
+        for part in np.array_split(np.asarray(order, dtype=np.int64), n_updates):
+            seqs = [ro for g in part.tolist() for ro in groups[g]]
+            mbs = tr.micro_batch_size
+            minis.append([seqs[i : i + mbs] for i in range(0, len(seqs), mbs)])
+        return minis
+
+    def _pad_counts(self, minis: list[list]) -> list[int]:
+        """Micro-batch count per mini-batch, the maximum over ranks (collectives must match)."""
+        counts = [len(m) for m in minis]
+        if self.world == 1:
+            return counts
+        t = torch.tensor(counts, dtype=torch.long, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return t.tolist()
+
+    def _train_step(self, step: int, prompts: list) -> dict[str, Any]:
+        cfg, o = self.cfg, self.cfg.vlpo
+        t0 = time.perf_counter()
+        rollouts = self.rollouts(prompts, step)
+        t_roll = time.perf_counter() - t0
+
+        # Rewards -> advantages (per group, on this rank) -> difficulty filter.
+        rewards = torch.tensor([r.reward.reward for r in rollouts], dtype=torch.float32)
+        ids = torch.tensor([r.group for r in rollouts])
+        adv = grpo.group_advantages(rewards, ids, o.adv_eps)
+        for r, a in zip(rollouts, adv.tolist()):
+            r.advantage = a
+        acc = grpo.group_accuracy(torch.tensor([r.reward.correct for r in rollouts]), ids)
+        groups: dict[int, list[Rollout]] = {}
+        for r in rollouts:
+            groups.setdefault(r.group, []).append(r)
+        f = cfg.filter
+        kept = [
+            g
+            for gid, g in groups.items()
+            if not f.enabled or grpo.keep_group(acc[gid], f.acc_low, f.acc_high)
+        ]
+        n_tok = [int(r.response_ids.numel()) for r in rollouts]
+        sums = _all_reduce_sum(
+            [
+                len(rollouts),
+                float(rewards.sum()),
+                float((rewards**2).sum()),
+                sum(r.reward.correct for r in rollouts),
+                sum(r.reward.format_ok for r in rollouts),
+                float(sum(n_tok)),
+                sum(r.n_blocks for r in rollouts),
+                sum(r.finish_reason == "length" for r in rollouts),
+                len(groups),
+                len(kept),
+                float(adv.abs().sum()),
+            ],
+            self.device,
+        )
+        n, r_sum, r_sq, n_ok, n_fmt, tok_sum, blk_sum, n_len, n_groups, n_kept, adv_abs = sums
+        reward_mean = r_sum / n
+        stats: dict[str, Any] = {
+            "reward_mean": reward_mean,
+            "reward_std": math.sqrt(max(r_sq / n - reward_mean**2, 0.0) * n / max(n - 1, 1)),
+            "accuracy": n_ok / n,
+            "format_rate": n_fmt / n,
+            "response_tokens": tok_sum / n,
+            "latent_blocks": blk_sum / n,
+            "truncated_rate": n_len / n,
+            "adv_abs_mean": adv_abs / n,
+            "groups": int(n_groups),
+            "groups_kept": int(n_kept),
+            "group_keep_rate": n_kept / max(n_groups, 1),
+            "rollout_s": t_roll,
+            "tokens": int(tok_sum),
+            "prompts": int(n_groups),
+        }
+        if n_kept < f.min_groups:
+            why = "no usable group" if n_kept == 0 else f"{int(n_kept)} < filter.min_groups"
+            stats.update(skipped=1, skip_reason=why, step_s=time.perf_counter() - t0)
+            return stats
+
+        # Micro-batches, then frozen scores (reference; pre-update policy if several updates).
+        # Replay batches are built when used and dropped after (pixel values are per row);
+        # processed prompts are shared through `encoded`.
+        minis = self._micro_batches(kept, step)
+        counts = self._pad_counts(minis)
+        encoded: dict = {}
+
+        def replay(mb: list[Rollout]) -> ReplayBatch:
+            return build_replay_batch(
+                mb, self.processor, self.latent_size, pairing=o.latent_pairing, encoded=encoded
+            )
+
+        t1 = time.perf_counter()
+        temp = cfg.rollout.temperature
+        ref_scores: list[list[StepScores | None]] = [[None] * len(m) for m in minis]
+        if self.ref_model is not None:
+            with self._reference_on_device() as ref:
+                for u, mini in enumerate(minis):
+                    for i, mb in enumerate(mini):
+                        ref_scores[u][i] = score_steps(
+                            ref, replay(mb), temperature=temp, sigma=o.sigma, ban=self.ban
+                        )
+        old_scores: list[list[StepScores | None]] = [[None] * len(m) for m in minis]
+        if len(minis) > 1:
+            self.model.eval()
+            for u, mini in enumerate(minis):
+                for i, mb in enumerate(mini):
+                    old_scores[u][i] = score_steps(
+                        self.model, replay(mb), temperature=temp, sigma=o.sigma, ban=self.ban
+                    )
+            self.model.train()
+        t_score = time.perf_counter() - t1
+
+        # Updates: one optimizer step per mini-batch, loss normalised by its steps on all ranks.
+        t2 = time.perf_counter()
+        lr = float(self.engine.get_lr()[0])
+        all_terms: list[grpo.StepTerms] = []
+        loss_sum = 0.0
+        grad_norms = []
+        for u, mini in enumerate(minis):
+            local = 0
+            for mb in mini:
+                for r in mb:
+                    n_tok, n_lat = step_counts(r, self.token_ids)
+                    local += n_tok + (n_lat if o.latent_term else 0)
+            (n_steps,) = _all_reduce_sum([local], self.device)
+            scale = self.world / max(n_steps, 1.0)
+            for i in range(counts[u]):
+                if i < len(mini):
+                    rb = replay(mini[i])
+                    out = self.engine(rb, old_scores[u][i], ref_scores[u][i], scale=scale)
+                    all_terms += out["terms"]
+                    objective = out["objective"]
+                else:
+                    # Matching collectives: a zero loss that touches every trainable parameter.
+                    objective = sum(
+                        p.sum() * 0.0 for p in self.module.parameters() if p.requires_grad
+                    )
+                self.engine.backward(objective, scale_wrt_gas=False)
+                loss_sum += float(objective.detach()) / self.world
+            self.engine.step()
+            gn = self.engine.get_global_grad_norm()
+            if gn is not None:
+                grad_norms.append(float(gn))
+        (loss_sum,) = _all_reduce_sum([loss_sum], self.device)
+        t_update = time.perf_counter() - t2
+
+        # Per-kind sums over ranks -> means.
+        parts: dict[str, list[grpo.StepTerms]] = {"token": [], "latent": []}
+        for t in all_terms:
+            parts[t.kind].append(t)
+        sums = {k: grpo.summarize(v) for k, v in parts.items()}
+        fields = ("n", "logp", "kl", "clipped", "dual", "ratio")
+        red = _all_reduce_sum(
+            [sums[k][f] for k in ("token", "latent") for f in fields], self.device
+        )
+        tn, tlogp, tkl, tclip, tdual, tratio, ln, llogp, lkl, lclip, ldual, lratio = red
+        steps_total = tn + ln
+        stats.update(
+            skipped=0,
+            loss=loss_sum / len(minis),
+            kl=(tkl + lkl) / max(steps_total, 1.0),
+            clip_frac=(tclip + lclip) / max(steps_total, 1.0),
+            dual_clip_frac=(tdual + ldual) / max(steps_total, 1.0),
+            token_clip_frac=tclip / max(tn, 1.0),
+            latent_clip_frac=lclip / max(ln, 1.0) if ln else None,
+            ratio_mean=(tratio + lratio) / max(steps_total, 1.0),
+            token_logp_mean=tlogp / max(tn, 1.0),
+            latent_logp_mean=llogp / ln if ln else None,
+            latent_logp_min=sums["latent"]["logp_min"] if ln else None,
+            ratio_max=max(sums["token"]["ratio_max"], sums["latent"]["ratio_max"]),
+            token_steps=int(tn),
+            latent_steps=int(ln),
+            updates=len(minis),
+            lr=lr,
+            grad_norm=grad_norms[-1] if grad_norms else None,
+            score_s=t_score,
+            update_s=t_update,
+            step_s=time.perf_counter() - t0,
+        )
+        return stats
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def train(self) -> RLResult:
+        """Run RL steps until `stop_step`; checkpoint periodically and at the end; export."""
+        cfg, tr, p = self.cfg, self.cfg.trainer, self.progress
+        result = RLResult(output=self.output, global_step=p.global_step)
+        t_start = time.perf_counter()
+        last_saved = None
+        if cfg.eval.at_start and p.global_step == 0:
+            self.metrics.event("eval", step=0, **self.evaluate())
+        while p.global_step < self.stop_step:
+            for _ in range(p.step_in_epoch, self.steps_per_epoch):
+                if p.global_step >= self.stop_step:
+                    break
+                prompts = self.step_prompts(p.step_in_epoch, p.epoch)
+                stats = self._train_step(p.global_step, prompts)
+                p.step_in_epoch += 1
+                p.global_step += 1
+                p.samples_seen += stats["prompts"]
+                p.tokens_seen += stats["tokens"]
+                if stats["skipped"]:
+                    p.skipped_steps += 1
+                    logger.info("RL step %d skipped: %s", p.global_step, stats["skip_reason"])
+                else:
+                    p.optimizer_steps += stats["updates"]
+                    if not math.isfinite(stats["loss"]):
+                        raise FloatingPointError(f"loss is {stats['loss']} at step {p.global_step}")
+                stats.update(
+                    epoch=p.epoch,
+                    optimizer_steps=p.optimizer_steps,
+                    skipped_steps=p.skipped_steps,
+                    elapsed_s=time.perf_counter() - t_start,
+                )
+                result.rewards.append(stats["reward_mean"])
+                if cfg.eval.every and p.global_step % cfg.eval.every == 0:
+                    stats.update(self.evaluate())
+                if p.global_step % tr.log_every == 0 or p.global_step == self.stop_step:
+                    self.metrics.log(p.global_step, stats)
+                self.metrics.advance()
+                if tr.save_every and p.global_step % tr.save_every == 0:
+                    result.checkpoint = self.save_checkpoint()
+                    last_saved = p.global_step
+            if p.step_in_epoch >= self.steps_per_epoch:
+                p.epoch += 1
+                p.step_in_epoch = 0
+        if last_saved != p.global_step:
+            result.checkpoint = self.save_checkpoint()
+        if tr.export:
+            result.export = self.export()
+        result.global_step = p.global_step
+        result.seconds = time.perf_counter() - t_start
+        self.metrics.event("end", step=p.global_step, seconds=result.seconds)
+        return result
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean reward / accuracy / format rate on the held-out prompts (eval.data)."""
+        ev, r = self.cfg.eval, self.cfg.rollout
+        samples, _ = load_prompts(ev.data)
+        mine = [
+            prepare_prompt(s, ev.data.image_budget, r.prompt_suffix)
+            for s in samples[self.rank :: self.world]
+        ]
+        with self._gathered():
+            res = evaluate_rewards(
+                self.model,
+                self.processor,
+                mine,
+                self.reward_fn,
+                samples_per_prompt=ev.samples_per_prompt,
+                temperature=ev.temperature,
+                top_p=r.top_p,
+                max_new_tokens=ev.max_new_tokens or r.max_new_tokens,
+                latent_size=self.latent_size,
+                seed=self.cfg.seed + 1,
+                batch_size=r.batch_size,
+                ban=self.ban,
+                use_cuda_graphs=r.cuda_graphs and self.zero_stage != 3,
+            )
+        n, rew, ok, fmt = _all_reduce_sum(
+            [res["n"], res["reward_sum"], res["correct_sum"], res["format_sum"]], self.device
+        )
+        return {
+            "eval_reward": rew / max(n, 1.0),
+            "eval_accuracy": ok / max(n, 1.0),
+            "eval_format_rate": fmt / max(n, 1.0),
+            "eval_n": int(n),
+        }
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        if self.ref_engine is not None and hasattr(self.ref_engine, "destroy"):
+            self.ref_engine.destroy()
+        self.ref_engine = None
+        self.ref_model = None
+
+
+def evaluate_rewards(
+    model,
+    processor,
+    samples: list,
+    reward_fn: MonetReward,
+    *,
+    samples_per_prompt: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    latent_size: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    ban: BanTokens | None = None,
+    use_cuda_graphs: bool = True,
+) -> dict[str, float]:
+    """Rewards of the model on prompts: greedy (temperature 0) or sampled; sums and counts."""
+    from monet_fast.decode import generate
+    from monet_fast.model.config import get_latent_config
+    from monet_fast.train.rewards import RolloutInfo
+    from monet_fast.train.rollout import prompt_input
+
+    k = latent_size or get_latent_config(model).latent_size
+    jobs = [s for s in samples for _ in range(samples_per_prompt)]
+    out = {"n": 0.0, "reward_sum": 0.0, "correct_sum": 0.0, "format_sum": 0.0}
+    was_training = model.training
+    model.eval()
+    try:
+        for c in range(math.ceil(len(jobs) / batch_size)):
+            chunk = jobs[c * batch_size : (c + 1) * batch_size]
+            sampling = temperature > 0
+            gen = generate(
+                model,
+                processor,
+                [prompt_input(s) for s in chunk],
+                max_new_tokens=max_new_tokens,
+                latent_size=k,
+                latent_layout="sft",
+                do_sample=sampling,
+                temperature=temperature if sampling else 1.0,
+                top_p=top_p if sampling else 1.0,
+                seed=seed + c,
+                use_cuda_graphs=use_cuda_graphs,
+                logits_processor=ban,
+            )
+            for s, text, ids, why in zip(chunk, gen.texts, gen.sequences, gen.finish_reasons):
+                res = reward_fn(text, s, RolloutInfo(int(ids.numel()), 0, why))
+                out["n"] += 1
+                out["reward_sum"] += res.reward
+                out["correct_sum"] += float(res.correct)
+                out["format_sum"] += float(res.format_ok)
+    finally:
+        model.train(was_training)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Python and command-line entry points
+# --------------------------------------------------------------------------------------------
+
+
+def build_rl_config(
+    config: str | Path | RLConfig | None,
+    overrides: list[str] | None = None,
+    *,
+    output: str | Path | None = None,
+    max_steps: int | None = None,
+    init: str | Path | None = None,
+) -> RLConfig:
+    """Config file + overrides + the CLI's common flags (which win over the file)."""
+    extra = list(overrides or [])
+    if output is not None:
+        extra.append(f"output={output}")
+    if max_steps is not None:
+        extra.append(f"trainer.max_steps={max_steps}")
+    if init is not None:
+        extra.append(f"model.init={init}")
+    if isinstance(config, RLConfig):
+        if extra:
+            raise ValueError("pass overrides with a config path, or edit the RLConfig object")
+        return config.validate()
+    return load_rl_config(config, extra)
+
+
+def rl(
+    config: str | Path | RLConfig | None = None,
+    overrides: list[str] | None = None,
+    *,
+    output: str | Path | None = None,
+    max_steps: int | None = None,
+    resume: str | bool | None = None,
+    init: str | Path | None = None,
+) -> RLResult:
+    """Run VLPO; the Python twin of `monet-fast rl`. resume: True/"latest", a tag or a path."""
+    cfg = build_rl_config(config, overrides, output=output, max_steps=max_steps, init=init)
+    if resume is True:
+        resume = "latest"
+    return VLPORecipe(cfg, resume=resume or None).run()
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        result = rl(
+            args.config,
+            args.overrides,
+            output=args.output,
+            max_steps=args.max_steps,
+            resume=args.resume_from or args.resume,
+            init=args.init,
+        )
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank == 0:
+            last = result.rewards[-1] if result.rewards else float("nan")
+            print(
+                f"VLPO ran to step {result.global_step} in {result.seconds:.1f}s; last reward "
+                f"mean {last:.4f}; checkpoint {result.checkpoint}; export {result.export}"
+            )
+        return 0
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from monet_fast.train.rl_cli import add_rl_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m monet_fast.train.vlpo", description=__doc__)
+    add_rl_arguments(parser)
+    args = parser.parse_intermixed_args(argv)
+    try:
+        return run_from_args(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"monet-fast rl: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = [
+    "FilterSection",
+    "ObjectiveSection",
+    "RLDataSection",
+    "RLConfig",
+    "RLProgress",
+    "RLResult",
+    "RefSection",
+    "RewardSection",
+    "RolloutSection",
+    "VLPORecipe",
+    "VLPOTrainModule",
+    "build_rl_config",
+    "evaluate_rewards",
+    "load_rl_config",
+    "main",
+    "rl",
+    "score_steps",
+]

@@ -1,0 +1,41 @@
+"""The quick demo end to end (what CI runs): every phase, the report sections, resumability."""
+
+import json
+
+import pytest
+
+from monet_fast.demo import INTERVENTIONS, DemoConfig, run_demo
+
+
+@pytest.mark.slow
+def test_quick_demo_report_and_resume(tmp_path, capsys):
+    cfg = DemoConfig.quick_config(tmp_path / "demo")
+    run_demo(cfg)
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["task"]["n_choices"] == 4 and report["task"]["n_eval"] == cfg.n_eval
+    assert [s["name"] for s in report["stages"]] == ["stage1", "stage2", "stage3", "vlpo"]
+    for stage in report["stages"]:
+        assert stage["steps"] >= 1
+        assert 0.0 <= stage["accuracy"] <= 1.0
+    assert set(report["interventions"]) == set(INTERVENTIONS)
+    for name, run in report["interventions"].items():
+        if run.get("skipped"):  # the untrained quick model may open no block: no shuffle donors
+            assert name == "shuffle" and "donors" in run["skipped"]
+            continue
+        assert 0.0 <= run["accuracy"] <= 1.0
+        if name != "none":
+            assert run["delta"] is not None
+    assert {"mean_pairwise_cosine", "effective_rank"} <= set(report["collapse"])
+    assert report["throughput"]["stage1"]["samples_per_s"] > 0
+    for f in ("report.md", "accuracy_by_intervention.png", "latent_cosine_heatmap.png"):
+        assert (tmp_path / "demo" / "eval" / f).exists()
+    assert "held-out accuracy" in printed and "intervention" in printed
+
+    # A rerun resumes: every phase is already done and is skipped.
+    run_demo(cfg)
+    assert "done in an earlier run" not in printed
+    again = capsys.readouterr().out
+    for phase in ("data", "stage1", "stage2", "stage3", "vlpo", "eval"):
+        assert f"{phase}: done in an earlier run, skipped" in again
+    assert json.loads((tmp_path / "demo" / "report.json").read_text()) == report
