@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any
 
 import torch
 
+from monet_fast._io import atomic_write_text
 from monet_fast.data.synthetic import SyntheticTaskConfig
 
 DEMO_TASK = SyntheticTaskConfig(
@@ -81,11 +80,7 @@ class DemoReport:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, allow_nan=False, default=_json_default)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False, default=_json_default))
 
 
 def _json_default(value: Any) -> Any:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from monet_fast._io import atomic_write_text
 
 
 def device_name() -> str:
@@ -85,10 +86,5 @@ def format_report(report: BenchReport) -> str:
 
 
 def write_json(report: BenchReport, path: str | Path) -> None:
-    """Write the report as JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report.to_dict(), f, indent=2)
-    os.replace(tmp, path)
+    """Write the report as JSON atomically."""
+    atomic_write_text(path, json.dumps(report.to_dict(), indent=2))

@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from typing import Any, Literal, NoReturn
 
 from PIL import UnidentifiedImageError
 
+from monet_fast._io import atomic_write_text
 from monet_fast.data.images import open_rgb
 from monet_fast.data.types import DEFAULT_SYSTEM, SEGMENT_KINDS, Sample, Segment
 from monet_fast.model.tokens import LATENT_PLACEHOLDER, OBS_END, OBS_START
@@ -743,17 +743,7 @@ def write_monet_sft(
         except DataError as err:
             raise DataError(f"cannot write sample {index}: {err}") from None
     final = out / name
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(rows, f, ensure_ascii=False, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(final, json.dumps(rows, ensure_ascii=False, indent=1))
     return final
 
 

@@ -31,7 +31,6 @@ import io
 import json
 import math
 import os
-import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from monet_fast._io import atomic_write_bytes
 from monet_fast.eval.collapse import TraceLike, collapse_metrics, cosine_matrix
 from monet_fast.eval.interventions import INTERVENTIONS
 from monet_fast.eval.scoring import ScoredItem, accuracy_by_category
@@ -190,25 +190,6 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory + os.replace: readers never see a torn file.
-
-    The temp file is created with open(..., "xb") rather than mkstemp so that it gets the usual
-    umask-derived permissions (mkstemp's are 0600).
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _pct(x: float | None) -> str:
@@ -397,8 +378,8 @@ def write_report(out_dir: str | os.PathLike, report: Mapping[str, Any]) -> dict[
     clean = to_jsonable(report)
     paths = {"json": out / REPORT_JSON, "markdown": out / REPORT_MD}
     text = json.dumps(clean, indent=1, allow_nan=False, ensure_ascii=False) + "\n"
-    _atomic_write(paths["json"], text.encode("utf-8"))
-    _atomic_write(paths["markdown"], render_markdown(clean).encode("utf-8"))
+    atomic_write_bytes(paths["json"], text.encode("utf-8"))
+    atomic_write_bytes(paths["markdown"], render_markdown(clean).encode("utf-8"))
     try:
         import matplotlib  # noqa: F401  (optional dependency)
     except ImportError:
@@ -409,8 +390,8 @@ def write_report(out_dir: str | os.PathLike, report: Mapping[str, Any]) -> dict[
         return paths
     paths["accuracy_plot"] = out / ACCURACY_PNG
     paths["heatmap_plot"] = out / HEATMAP_PNG
-    _atomic_write(paths["accuracy_plot"], plot_accuracy(clean))
-    _atomic_write(paths["heatmap_plot"], plot_heatmap(clean))
+    atomic_write_bytes(paths["accuracy_plot"], plot_accuracy(clean))
+    atomic_write_bytes(paths["heatmap_plot"], plot_heatmap(clean))
     return paths
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monet_fast.train._io import atomic_write_text
+from monet_fast._io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
+from monet_fast._io import atomic_write_text, temp_sibling
 from monet_fast.data.batching import collate
 from monet_fast.data.types import Sample
-from monet_fast.train._io import atomic_write_text, temp_sibling
 
 logger = logging.getLogger(__name__)
 

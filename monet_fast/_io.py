@@ -1,4 +1,5 @@
-"""Small atomic-file helpers shared by checkpoints and the teacher cache."""
+"""Atomic file writes (temp file in the same directory + os.replace), used package-wide:
+readers see the old or the new file, never a partial one."""
 
 from __future__ import annotations
 
@@ -22,15 +23,22 @@ def temp_sibling(path: Path) -> str:
     return tmp
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so readers see the old or the new file, never a partial one."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (creating the parent directory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
