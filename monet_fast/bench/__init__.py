@@ -21,6 +21,7 @@ def register(name: str, target: str) -> None:
 
 register("logprob", "monet_fast.bench.logprob:run")
 register("latent-attention", "monet_fast.bench.latent_attention:run")
+register("attention", "monet_fast.bench.latent_attention:run")  # the name issue 5 uses
 register("latent-forward", "monet_fast.bench.latent_forward:run")
 register("latent-decode", "monet_fast.bench.latent_decode:run")
 register("train-step", "monet_fast.bench.train_step:run")

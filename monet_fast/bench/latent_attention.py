@@ -31,7 +31,7 @@ from monet_fast.bench.common import BenchReport
 
 # Qwen2.5-VL-7B language-model attention.
 N_HEADS, N_KV_HEADS, HEAD_DIM = 28, 4, 128
-SEQ_LENS = (2048, 4096, 8192)
+SEQ_LENS = (2048, 4096, 8192, 16384)
 BATCHES = (1, 4)
 MODES = ("fwd", "fwd_bwd")
 PROVIDERS = ("monet_fast", "flex", "sdpa_dense")
