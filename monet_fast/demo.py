@@ -204,7 +204,7 @@ class Demo:
             "rollout.temperature=1.0",
             "filter.acc_high=0.99",
             # tiny-model scale (the defaults are the 7B reference values)
-            "optim.lr=2.0e-4",
+            "optim.lr=5.0e-5",
             f"seed={cfg.seed}",
         ]
         if cfg.quick:
