@@ -11,17 +11,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from monet_fast.data.types import Sample, Segment
+from monet_fast.decode import collapse_latent_spans
 from monet_fast.eval.scoring import (
     JudgeError,
     OpenAIJudge,
     ScoredItem,
     accuracy_by_category,
     answers_match,
+    clean_prediction,
     extract_answer_text,
     extract_boxed,
     extract_choice,
     normalize_answer,
-    replace_latent_content,
     score,
     score_item,
     score_predictions,
@@ -153,16 +154,19 @@ def test_answers_match_and_free_form_score():
     assert not score("\\boxed{go}", free_sample("STOP"))
 
 
-def test_replace_latent_content_reference_oracle():
+def test_latent_content_is_emptied_before_scoring():
     # REFERENCE.md oracle 20.
     assert (
-        replace_latent_content("a<abs_vis_token>xyz</abs_vis_token>b")
+        collapse_latent_spans("a<abs_vis_token>xyz</abs_vis_token>b")
         == "a<abs_vis_token><latent></abs_vis_token>b"
     )
     text = "<abs_vis_token>x\ny</abs_vis_token> mid <abs_vis_token></abs_vis_token>"
-    assert replace_latent_content(text) == (
+    assert collapse_latent_spans(text) == (
         "<abs_vis_token><latent></abs_vis_token> mid <abs_vis_token><latent></abs_vis_token>"
     )
+    # a letter inside a latent block is not read as the answer
+    assert clean_prediction("<abs_vis_token>B</abs_vis_token> \\boxed{A}").endswith("\\boxed{A}")
+    assert "B" not in clean_prediction("<abs_vis_token>B</abs_vis_token>")
 
 
 def test_score_multiple_choice_gold_as_letter_or_text():

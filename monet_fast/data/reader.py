@@ -547,6 +547,19 @@ def _split_observations(text: str) -> list[Segment]:
     return segments
 
 
+def matching_brace(text: str, open_index: int) -> int:
+    """Index of the `}` that closes the `{` at `open_index` (nesting counted), or -1."""
+    depth = 0
+    for i in range(open_index, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return -1
+
+
 def find_last_boxed(text: str) -> tuple[int, int, str] | None:
     """(start, end, content) of the last top-level `\\boxed{...}` in `text`, braces balanced.
 
@@ -555,16 +568,7 @@ def find_last_boxed(text: str) -> tuple[int, int, str] | None:
     last = None
     pos = 0
     while (start := text.find(BOXED_OPEN, pos)) != -1:
-        depth = 0
-        close = -1
-        for i in range(start + len(BOXED_OPEN) - 1, len(text)):  # from the opening brace
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    close = i
-                    break
+        close = matching_brace(text, start + len(BOXED_OPEN) - 1)
         if close == -1:
             raise DataError(f"unclosed {BOXED_OPEN}...}} in {text[start : start + 60]!r}")
         last = (start, close + 1, text[start + len(BOXED_OPEN) : close])

@@ -15,7 +15,7 @@ A prediction is the decoded response text (special tokens kept). Rules, in order
   numbers compare numerically.
 
 Latent blocks are reduced to `<abs_vis_token><latent></abs_vis_token>` first
-(`replace_latent_content`, the reference's `replace_abs_vis_token_content`): the placeholder ids
+(`monet_fast.decode.collapse_latent_spans`, the reference's `replace_abs_vis_token_content`): the placeholder ids
 decoded inside a latent block are meaningless text.
 
 The LLM judge (`OpenAIJudge`) is off by default. When given, it is asked only about items the
@@ -38,14 +38,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from monet_fast.data.reader import matching_brace
 from monet_fast.data.types import Sample
-from monet_fast.model.tokens import ENDOFTEXT, IM_END, LATENT_END, LATENT_START
+from monet_fast.decode.text import collapse_latent_spans
+from monet_fast.model.tokens import ENDOFTEXT, IM_END
 
 LETTERS = string.ascii_uppercase
-LATENT_CONTENT = "<latent>"
 UNCATEGORIZED = "uncategorized"
 
-_LATENT_SPAN = re.compile(f"({re.escape(LATENT_START)})(.*?)({re.escape(LATENT_END)})", re.DOTALL)
 _BOXED_OPEN = re.compile(r"\\boxed\s*\{")
 # \text{B}, \textbf{B}, \mathrm{B}, ... -> B (innermost first; applied until nothing changes).
 _LATEX_WRAPPER = re.compile(
@@ -80,18 +80,10 @@ _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 # --------------------------------------------------------------------------------------------
 
 
-def replace_latent_content(text: str) -> str:
-    """Replace what lies inside each latent block by "<latent>" (reference post-processing).
-
-    "a<abs_vis_token>xyz</abs_vis_token>b" -> "a<abs_vis_token><latent></abs_vis_token>b".
-    """
-    return _LATENT_SPAN.sub(lambda m: m.group(1) + LATENT_CONTENT + m.group(3), text)
-
-
 def clean_prediction(text: str) -> str:
     """Response text as the rules read it: latent blocks emptied, end tokens and markdown bold
     removed, surrounding whitespace stripped."""
-    text = replace_latent_content(text)
+    text = collapse_latent_spans(text)
     for token in (IM_END, ENDOFTEXT):
         text = text.replace(token, "")
     return text.replace("**", "").strip()
@@ -107,15 +99,7 @@ def extract_boxed(text: str) -> str | None:
     last = None
     pos = 0
     while (match := _BOXED_OPEN.search(text, pos)) is not None:
-        depth, close = 0, -1
-        for i in range(match.end() - 1, len(text)):  # from the opening brace
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    close = i
-                    break
+        close = matching_brace(text, match.end() - 1)
         if close == -1:
             pos = match.end()  # unclosed: a later, complete box may still follow inside it
             continue
@@ -516,7 +500,6 @@ __all__ = [
     "gold_letter",
     "normalize_answer",
     "question_text",
-    "replace_latent_content",
     "score",
     "score_item",
     "score_predictions",

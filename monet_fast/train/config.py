@@ -148,8 +148,21 @@ class LoggingSection:
     wandb_name: str | None = None
 
 
+class RunConfig:
+    """What the SFT and RL configs share: the plain dict and the YAML the run directory keeps."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source", None)
+        return out
+
+    def dump(self) -> str:
+        """The resolved config as YAML."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     """A whole SFT run. `source` is the YAML file it came from (for relative paths)."""
 
     stage: int | None = None
@@ -166,15 +179,6 @@ class TrainConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     source: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out.pop("source")
-        return out
-
-    def dump(self) -> str:
-        """The resolved config as YAML (what the run directory keeps)."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @property
     def student_stage(self) -> str:

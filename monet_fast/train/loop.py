@@ -24,6 +24,7 @@ gradients over data-parallel ranks (hence the · world_size).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -515,26 +516,7 @@ class SFTRecipe:
             n_samples=len(self.samples),
             world_size=self.world,
         )
-        if self.resume is not None:
-            root, tag = ckpt.resolve_resume(self.ckpt_root, self.resume)
-            saved = ckpt.load_checkpoint(self.engine, root, tag)
-            for note in ckpt.compare_progress(saved, self.progress):
-                logger.warning("resume: %s", note)
-            if self.rank == 0:
-                logger.info(
-                    "resumed %s/%s: epoch %d, step %d (position from the checkpoint; seed, data "
-                    "and batch sizes from the config)",
-                    root,
-                    tag,
-                    saved.epoch,
-                    saved.global_step,
-                )
-            saved.seed = self.progress.seed
-            saved.global_batch_size = self.global_batch
-            saved.dataset_fingerprint = self.progress.dataset_fingerprint
-            saved.n_samples = len(self.samples)
-            saved.world_size = self.world
-            self.progress = saved
+        self.progress = self.resume_progress(self.progress, ckpt.load_checkpoint)
 
         self.metrics = MetricsLogger(
             self.output,
@@ -554,6 +536,33 @@ class SFTRecipe:
             skipped_rows=self.data_report.n_skipped,
             setup_s=time.perf_counter() - t0,
         )
+
+    def resume_progress(
+        self,
+        fresh: ckpt.TrainingProgress,
+        load: Callable[[Any, Path, str], ckpt.TrainingProgress],
+    ) -> ckpt.TrainingProgress:
+        """The run's progress record: `fresh` (built from the config) for a new run; with
+        --resume, the checkpoint's (loaded into the engine by `load(engine, root, tag)`), whose
+        position is kept while seed, data and batch sizes come from the config (differences are
+        logged)."""
+        if self.resume is None:
+            return fresh
+        root, tag = ckpt.resolve_resume(self.ckpt_root, self.resume)
+        saved = load(self.engine, root, tag)
+        for note in ckpt.compare_progress(saved, fresh):
+            logger.warning("resume: %s", note)
+        if self.rank == 0:
+            logger.info(
+                "resumed %s/%s at step %d (position from the checkpoint; seed, data and batch "
+                "sizes from the config)",
+                root,
+                tag,
+                saved.global_step,
+            )
+        for name in ("seed", "global_batch_size", "dataset_fingerprint", "n_samples", "world_size"):
+            setattr(saved, name, getattr(fresh, name))
+        return saved
 
     # ---- training ---------------------------------------------------------------------------
 
@@ -745,6 +754,44 @@ class SFTRecipe:
             return self.train()
         finally:
             self.cleanup()
+
+
+def run_cli(run: Callable[[], Any], summary: Callable[[Any], str]) -> int:
+    """Run a training entry point from the command line: INFO logging, `summary(result)` printed
+    on rank 0, and the process group torn down however the run ends."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        result = run()
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank == 0:
+            print(summary(result))
+        return 0
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def module_main(
+    argv: list[str] | None,
+    *,
+    prog: str,
+    command: str,
+    description: str | None,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run_from_args: Callable[[argparse.Namespace], int],
+) -> int:
+    """`python -m ...` entry of a recipe (torchrun / deepspeed launch it this way).
+
+    Intermixed parsing: key=value overrides may come before, between or after the options.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    args = parser.parse_intermixed_args(argv)
+    try:
+        return run_from_args(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"monet-fast {command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 def _quiet_deepspeed() -> None:

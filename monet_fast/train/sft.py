@@ -21,6 +21,7 @@ What each stage trains (REFERENCE.md §2-4):
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any, ClassVar
 from monet_fast.train import teacher as T
 from monet_fast.train.config import ConfigError, TrainConfig, load_config
 from monet_fast.train.data import apply_image_budget
-from monet_fast.train.loop import SFTRecipe, TrainResult, _barrier
+from monet_fast.train.loop import SFTRecipe, TrainResult, _barrier, module_main, run_cli
 
 logger = logging.getLogger("monet_fast.train")
 
@@ -268,19 +269,24 @@ def precompute_teacher(
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Execute parsed train arguments; prints a one-line summary on rank 0."""
-    import json
-
-    import torch
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        if args.precompute_teacher:
-            info = precompute_teacher(
+    if args.precompute_teacher:
+        return run_cli(
+            lambda: precompute_teacher(
                 args.stage, args.config, args.overrides, output=args.output, init=args.init
-            )
-            print(json.dumps(info, indent=2))
-            return 0
-        result = train(
+            ),
+            lambda info: json.dumps(info, indent=2),
+        )
+
+    def summary(result: TrainResult) -> str:
+        last = result.losses[-1] if result.losses else float("nan")
+        return (
+            f"trained to step {result.global_step} in {result.seconds:.1f}s "
+            f"({result.samples_per_s:.2f} samples/s); last loss {last:.4f}; "
+            f"checkpoint {result.checkpoint}; export {result.export}"
+        )
+
+    return run_cli(
+        lambda: train(
             args.stage,
             args.config,
             args.overrides,
@@ -288,33 +294,22 @@ def run_from_args(args: argparse.Namespace) -> int:
             max_steps=args.max_steps,
             resume=args.resume_from or args.resume,
             init=args.init,
-        )
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        if rank == 0:
-            print(
-                f"trained to step {result.global_step} in {result.seconds:.1f}s "
-                f"({result.samples_per_s:.2f} samples/s); last loss "
-                f"{result.losses[-1] if result.losses else float('nan'):.4f}; "
-                f"checkpoint {result.checkpoint}; export {result.export}"
-            )
-        return 0
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        ),
+        summary,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     from monet_fast.train.cli import add_train_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m monet_fast.train.sft", description=__doc__)
-    add_train_arguments(parser)
-    # Intermixed: key=value overrides may come before, between or after the options.
-    args = parser.parse_intermixed_args(argv)
-    try:
-        return run_from_args(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"monet-fast train: error: {err}", file=sys.stderr)
-        return 2
+    return module_main(
+        argv,
+        prog="python -m monet_fast.train.sft",
+        command="train",
+        description=__doc__,
+        add_arguments=add_train_arguments,
+        run_from_args=run_from_args,
+    )
 
 
 __all__ = [

@@ -46,7 +46,6 @@ the start, but it then compares the state at p with the input at p, which no pol
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -72,6 +71,7 @@ from monet_fast.train.config import (
     LoggingSection,
     ModelSection,
     OptimSection,
+    RunConfig,
     SchedulerSection,
     _build,
     _one_of,
@@ -87,6 +87,8 @@ from monet_fast.train.loop import (
     build_deepspeed_config,
     build_optimizer,
     lr_lambda,
+    module_main,
+    run_cli,
 )
 from monet_fast.train.metrics import MetricsLogger
 from monet_fast.train.rewards import FORMAT_RULES, MonetReward, build_judge
@@ -229,7 +231,7 @@ class RLEvalSection:
 
 
 @dataclass
-class RLConfig:
+class RLConfig(RunConfig):
     """A whole VLPO run. `source` is the YAML file it came from (for relative paths)."""
 
     seed: int = 42
@@ -250,14 +252,6 @@ class RLConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     source: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out.pop("source")
-        return out
-
-    def dump(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def resolved_deepspeed_json(self) -> Path | None:
         if self.deepspeed.config is None:
@@ -749,26 +743,7 @@ class VLPORecipe(SFTRecipe):
             n_samples=len(self.samples),
             world_size=self.world,
         )
-        if self.resume is not None:
-            root, tag = ckpt.resolve_resume(self.ckpt_root, self.resume)
-            saved = load_rl_checkpoint(self.engine, root, tag)
-            for note in ckpt.compare_progress(saved, self.progress):
-                logger.warning("resume: %s", note)
-            if self.rank == 0:
-                logger.info(
-                    "resumed %s/%s at RL step %d (optimizer step %d); seed, data and batch "
-                    "sizes from the config",
-                    root,
-                    tag,
-                    saved.global_step,
-                    saved.optimizer_steps,
-                )
-            saved.seed = self.progress.seed
-            saved.global_batch_size = self.progress.global_batch_size
-            saved.dataset_fingerprint = self.progress.dataset_fingerprint
-            saved.n_samples = len(self.samples)
-            saved.world_size = self.world
-            self.progress = saved
+        self.progress = self.resume_progress(self.progress, load_rl_checkpoint)
 
         self.metrics = RLMetricsLogger(
             self.output,
@@ -1309,40 +1284,39 @@ def rl(
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        result = rl(
+    """Execute parsed rl arguments; prints a one-line summary on rank 0."""
+
+    def summary(result: RLResult) -> str:
+        last = result.rewards[-1] if result.rewards else float("nan")
+        return (
+            f"VLPO ran to step {result.global_step} in {result.seconds:.1f}s; last reward "
+            f"mean {last:.4f}; checkpoint {result.checkpoint}; export {result.export}"
+        )
+
+    return run_cli(
+        lambda: rl(
             args.config,
             args.overrides,
             output=args.output,
             max_steps=args.max_steps,
             resume=args.resume_from or args.resume,
             init=args.init,
-        )
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        if rank == 0:
-            last = result.rewards[-1] if result.rewards else float("nan")
-            print(
-                f"VLPO ran to step {result.global_step} in {result.seconds:.1f}s; last reward "
-                f"mean {last:.4f}; checkpoint {result.checkpoint}; export {result.export}"
-            )
-        return 0
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        ),
+        summary,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     from monet_fast.train.rl_cli import add_rl_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m monet_fast.train.vlpo", description=__doc__)
-    add_rl_arguments(parser)
-    args = parser.parse_intermixed_args(argv)
-    try:
-        return run_from_args(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"monet-fast rl: error: {err}", file=sys.stderr)
-        return 2
+    return module_main(
+        argv,
+        prog="python -m monet_fast.train.vlpo",
+        command="rl",
+        description=__doc__,
+        add_arguments=add_rl_arguments,
+        run_from_args=run_from_args,
+    )
 
 
 if __name__ == "__main__":
