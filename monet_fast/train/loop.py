@@ -451,7 +451,6 @@ class SFTRecipe:
 
     def setup(self) -> None:
         """Build everything: data, model, teacher, DeepSpeed engine; load a checkpoint if resuming."""
-        import deepspeed
 
         self.setup_common()
         cfg = self.cfg
@@ -494,20 +493,7 @@ class SFTRecipe:
         )
         self.ds_config = build_deepspeed_config(cfg, self.world, self.bf16)
         self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
-        if self.rank == 0:
-            (self.output / "deepspeed_config.json").write_text(
-                json.dumps(self.ds_config, indent=2), encoding="utf-8"
-            )
-        _quiet_deepspeed()
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=module,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=self.ds_config,
-            dist_init_required=False,
-        )
-        self.module = self.engine.module
-        self.model = self.module.model  # ZeRO-3 may have re-registered parameters
+        self.init_engine(module, optimizer, scheduler)
 
         self.progress = ckpt.TrainingProgress(
             seed=cfg.seed,
@@ -536,6 +522,25 @@ class SFTRecipe:
             skipped_rows=self.data_report.n_skipped,
             setup_s=time.perf_counter() - t0,
         )
+
+    def init_engine(self, module: nn.Module, optimizer, scheduler) -> None:
+        """deepspeed.initialize with `self.ds_config` (kept in the run directory by rank 0)."""
+        import deepspeed
+
+        if self.rank == 0:
+            (self.output / "deepspeed_config.json").write_text(
+                json.dumps(self.ds_config, indent=2), encoding="utf-8"
+            )
+        _quiet_deepspeed()
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config,
+            dist_init_required=False,
+        )
+        self.module = self.engine.module
+        self.model = self.module.model  # ZeRO-3 may have re-registered parameters
 
     def resume_progress(
         self,

@@ -83,7 +83,6 @@ from monet_fast.train.data import dataset_fingerprint, epoch_order
 from monet_fast.train.loop import (
     SFTRecipe,
     _all_reduce_sum,
-    _quiet_deepspeed,
     build_deepspeed_config,
     build_optimizer,
     lr_lambda,
@@ -679,7 +678,6 @@ class VLPORecipe(SFTRecipe):
 
     def setup(self) -> None:
         """Data, policy engine, reference model, rewards; load a checkpoint when resuming."""
-        import deepspeed
 
         self.setup_common()
         cfg = self.cfg
@@ -720,20 +718,7 @@ class VLPORecipe(SFTRecipe):
         self.zero_stage = int(zero["stage"])
         if self.zero_stage < 2 and zero.get("overlap_comm"):
             zero["overlap_comm"] = False  # DeepSpeed: unmanaged accumulation needs it off here
-        if self.rank == 0:
-            (self.output / "deepspeed_config.json").write_text(
-                json.dumps(self.ds_config, indent=2), encoding="utf-8"
-            )
-        _quiet_deepspeed()
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=module,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=self.ds_config,
-            dist_init_required=False,
-        )
-        self.module = self.engine.module
-        self.model = self.module.model
+        self.init_engine(module, optimizer, scheduler)
         self.setup_reference(init)
 
         self.progress = RLProgress(
