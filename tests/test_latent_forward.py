@@ -252,3 +252,23 @@ def test_triton_latent_attention_path_equals_dense_sdpa(tiny):
     torch.testing.assert_close(outs[0].loss, outs[1].loss, atol=1e-5, rtol=1e-5)
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_latent_forward_benchmark_cli(tmp_path, capsys):
+    """`monet-fast bench latent-forward --quick --json`: both providers per configuration, the
+    reference row at speed-up 1 and the batched row's speed-up consistent with its timing."""
+    import json
+
+    from monet_fast.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "latent-forward", "--quick", "--json", str(out)]) == 0
+    assert "two_pass_reference" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    configs = {r["config"] for r in rows}
+    assert {"tiny stage2 B=8", "tiny stage3 B=8"} <= configs
+    for config in configs:
+        by = {r["provider"]: r for r in rows if r["config"] == config}
+        assert by["two_pass_reference"]["speedup"] == 1.0
+        ratio = by["two_pass_reference"]["seconds"] / by["batched"]["seconds"]
+        assert abs(by["batched"]["speedup"] - ratio) < 1e-9
