@@ -27,12 +27,13 @@ register("latent-decode", "monet_fast.bench.latent_decode:run")
 register("train-step", "monet_fast.bench.train_step:run")
 
 
-def run_benchmark(name: str, quick: bool = False) -> BenchReport:
+def run_benchmark(name: str, quick: bool = False, only: str | None = None) -> BenchReport:
+    """Run benchmark `name`; `only` keeps the cases whose label contains that substring."""
     if name not in REGISTRY:
         raise ValueError(f"unknown benchmark {name!r}; available: {sorted(REGISTRY)}")
     module_name, func_name = REGISTRY[name].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    return func(quick=quick)
+    return func(quick=quick, only=only)
 
 
 __all__ = [

@@ -61,6 +61,17 @@ class BenchReport:
         return asdict(self)
 
 
+def matches(label: str, only: str | None) -> bool:
+    """True when a case label is selected by `--only SUBSTR` (no filter selects everything)."""
+    return only is None or only in label
+
+
+def no_match(report: BenchReport, only: str | None, labels: list[str]) -> BenchReport:
+    """Mark `report` skipped because `--only` selected none of `labels`, naming them."""
+    report.skipped = f"--only {only!r} matches no case; cases here: {labels}"
+    return report
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from monet_fast.bench.common import BenchReport
+from monet_fast.bench.common import BenchReport, matches, no_match
 
 # Qwen2.5-VL-7B language-model attention.
 N_HEADS, N_KV_HEADS, HEAD_DIM = 28, 4, 128
@@ -242,7 +242,7 @@ def _mask_build_seconds(mr: torch.Tensor, n: int) -> dict[str, float]:
     }
 
 
-def run(quick: bool = False) -> BenchReport:
+def run(quick: bool = False, only: str | None = None) -> BenchReport:
     """Benchmark every case on the GPU; on CPU return a report that says why it was skipped."""
     report = BenchReport(name="latent-attention")
     if not torch.cuda.is_available():
@@ -252,7 +252,10 @@ def run(quick: bool = False) -> BenchReport:
         )
         return report
     notes = []
-    for case in cases(quick):
+    selected = [c for c in cases(quick) if matches(c.label, only)]
+    if not selected:
+        return no_match(report, only, [c.label for c in cases(quick)])
+    for case in selected:
         inputs = make_inputs(case)
         flops = attention_flops(case, inputs["masked_rows"])
         times: dict[str, float] = {}

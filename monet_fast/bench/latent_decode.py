@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from monet_fast.bench.common import BenchReport, time_fn
+from monet_fast.bench.common import BenchReport, matches, no_match, time_fn
 
 BATCHES = (1, 8, 32)
 PROVIDERS = (
@@ -162,13 +162,16 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b))
 
 
-def run(quick: bool = False) -> BenchReport:
+def run(quick: bool = False, only: str | None = None) -> BenchReport:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = build_model(device)
     report = BenchReport(name="latent-decode")
     reps = 5 if quick else 7
     providers = [p for p in PROVIDERS if device.type == "cuda" or p != "engine-eager"]
-    for case in cases(quick):
+    selected = [c for c in cases(quick) if matches(c.label, only)]
+    if not selected:
+        return no_match(report, only, [c.label for c in cases(quick)])
+    for case in selected:
         fns = {p: setup_case(model, processor, case, p) for p in providers}
         outputs = {p: fn() for p, fn in fns.items()}  # also the warm-up (graph capture on GPU)
         # Interleave the providers, one timed run each per round, so that load changes on a

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from monet_fast.bench.common import BenchReport, time_fn
+from monet_fast.bench.common import BenchReport, matches, no_match, time_fn
 from monet_fast.data import collate, make_samples
 from monet_fast.model.latent import latent_forward
 from monet_fast.model.latent_reference import reference_latent_forward
@@ -108,31 +108,38 @@ def peak_memory_mib(fn: Callable[[], None]) -> float:
     return (peak[0] - base) / 2**20
 
 
-def run(quick: bool = False) -> BenchReport:
+def run(quick: bool = False, only: str | None = None) -> BenchReport:
     report = BenchReport(name="latent-forward (stage loss forward+backward)")
     sizes = ["tiny"] if quick else ["tiny", "mid"]
     if torch.cuda.is_available() and not quick:
         sizes.append("7b-width-2-layers")
     batches = [1, 8] if quick else [1, 4, 8]
     reps = 2 if quick else 3
-    for size in sizes:
-        for stage in ("stage2", "stage3"):
-            for bsz in batches:
-                results = {}
-                for provider in PROVIDERS:
-                    fn = setup_latent_forward(size, stage, bsz, provider)
-                    seconds = time_fn(fn, warmup=1, reps=reps)
-                    results[provider] = (seconds, peak_memory_mib(fn))
-                base_s, base_mem = results["two_pass_reference"]
-                for provider, (seconds, mem) in results.items():
-                    report.add(
-                        config=f"{size} {stage} B={bsz}",
-                        provider=provider,
-                        seconds=seconds,
-                        samples_per_s=bsz / seconds,
-                        peak_mib=mem,
-                        speedup=base_s / seconds,
-                    )
+    labels = {
+        (size, stage, bsz): f"{size} {stage} B={bsz}"
+        for size in sizes
+        for stage in ("stage2", "stage3")
+        for bsz in batches
+    }
+    selected = [key for key, label in labels.items() if matches(label, only)]
+    if not selected:
+        return no_match(report, only, list(labels.values()))
+    for size, stage, bsz in selected:
+        results = {}
+        for provider in PROVIDERS:
+            fn = setup_latent_forward(size, stage, bsz, provider)
+            seconds = time_fn(fn, warmup=1, reps=reps)
+            results[provider] = (seconds, peak_memory_mib(fn))
+        base_s, base_mem = results["two_pass_reference"]
+        for provider, (seconds, mem) in results.items():
+            report.add(
+                config=labels[(size, stage, bsz)],
+                provider=provider,
+                seconds=seconds,
+                samples_per_s=bsz / seconds,
+                peak_mib=mem,
+                speedup=base_s / seconds,
+            )
     report.notes = (
         "speedup = reference seconds / provider seconds (same batch, same run); the reference is "
         "the two-pass per-sample loop with its own mask/detach semantics."

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from monet_fast.bench.common import BenchReport
+from monet_fast.bench.common import BenchReport, matches, no_match
 
 HIDDEN = 3584  # Qwen2.5-VL-7B hidden size: the width of one latent
 ROWS = (4096, 16384, 65536)
@@ -184,7 +184,7 @@ def _time_cuda(fn: Callable[[], object], quick: bool) -> float:
     )
 
 
-def run(quick: bool = False) -> BenchReport:
+def run(quick: bool = False, only: str | None = None) -> BenchReport:
     """Benchmark every case on the GPU; on CPU return a report that says why it was skipped."""
     report = BenchReport(name="logprob")
     if not torch.cuda.is_available():
@@ -195,7 +195,10 @@ def run(quick: bool = False) -> BenchReport:
         return report
     device_name = torch.cuda.get_device_name(0)
     peak = hbm_peak_bytes_per_s(device_name)
-    for case in cases(quick):
+    selected = [c for c in cases(quick) if matches(c.label, only)]
+    if not selected:
+        return no_match(report, only, [c.label for c in cases(quick)])
+    for case in selected:
         times: dict[str, float] = {}
         for provider in PROVIDERS:
             try:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from monet_fast.bench.common import BenchReport, time_fn
+from monet_fast.bench.common import BenchReport, matches, no_match, time_fn
 from monet_fast.bench.latent_forward import MODEL_SIZES, peak_memory_mib
 
 PROVIDERS = ("monet_fast", "reference")
@@ -143,42 +143,54 @@ def saved_activation_mib(fn: Callable[[], None]) -> float:
     return sum(seen.values()) / 2**20
 
 
-def _interleaved_seconds(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
-    """Median wall time per provider, timing the providers in alternation (one call each per
-    round) so that load from other processes hits both alike; one warm-up call each first."""
+def _interleaved_seconds(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, list[float]]:
+    """Wall times per provider, timing the providers in alternation (one call each per round)
+    so that load from other processes hits both alike; one warm-up call each first."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
             times[name].append(time_fn(fn, warmup=0, reps=1))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
-def run(quick: bool = False) -> BenchReport:
+def run(quick: bool = False, only: str | None = None) -> BenchReport:
     report = BenchReport(name="train-step (stage-2 SFT step on DeepSpeed)")
-    reps = 3 if quick else 7
-    for case in cases(quick):
+    reps = 5 if quick else 7
+    selected = [c for c in cases(quick) if matches(c.label, only)]
+    if not selected:
+        return no_match(report, only, [c.label for c in cases(quick)])
+    for case in selected:
         fns = {provider: setup_case(case, provider) for provider in PROVIDERS}
-        seconds = _interleaved_seconds(fns, reps)
+        times = _interleaved_seconds(fns, reps)
         memory = {p: (peak_memory_mib(fn), saved_activation_mib(fn)) for p, fn in fns.items()}
         del fns
-        base_s = seconds["reference"]
+        # Speed-up per round (both providers timed back to back), then its median and range:
+        # the ratio within a round is far steadier than either time on a shared machine.
+        ratios = sorted(b / a for a, b in zip(times["monet_fast"], times["reference"]))
         for provider in PROVIDERS:
-            report.add(
+            seconds = statistics.median(times[provider])
+            row = dict(
                 config=case.label,
                 provider=provider,
-                seconds=seconds[provider],
-                samples_per_s=case.batch_size / seconds[provider],
+                seconds=seconds,
+                seconds_range=f"{min(times[provider]):.3g}-{max(times[provider]):.3g}",
+                samples_per_s=case.batch_size / seconds,
                 peak_mib=memory[provider][0],
                 saved_act_mib=memory[provider][1],
-                speedup=base_s / seconds[provider],
             )
+            if provider == "monet_fast":
+                row.update(
+                    speedup=statistics.median(ratios),
+                    speedup_range=f"{ratios[0]:.3g}-{ratios[-1]:.3g}",
+                )
+            report.add(**row)
     report.notes = (
         "One optimizer step (forward + backward + AdamW step) through the same DeepSpeed engine "
-        "config; median of interleaved rounds; speedup = reference seconds / provider seconds in "
-        "the same run. reference = the two-pass per-sample/per-latent loop (reference mask/detach "
-        "semantics). peak_mib: CUDA allocator peak (GPU) or RSS growth (CPU); saved_act_mib: "
+        "config; seconds: median (range) of interleaved rounds; speedup: median (range) over "
+        "rounds of reference seconds / monet_fast seconds in the same round. reference = the "
+        "two-pass per-sample/per-latent loop (reference mask/detach semantics). peak_mib: CUDA allocator peak (GPU) or RSS growth (CPU); saved_act_mib: "
         "storages saved for backward."
     )
     return report
