@@ -6,7 +6,8 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "monet_fast compiled extension (latent decoding engine and build facts)";
   m.def("build_info", &monet_fast::build_info,
-        "Dict of build facts: compiler, torch_version, cuda, cuda_archs, cxx11_abi.");
+        "Dict of build facts: compiler, torch_version, cuda, cuda_archs, cuda_version, "
+        "cuda_reason, cxx11_abi.");
   m.def("latent_step", &monet_fast::latent_step,
         "One latent-decode state-machine step for a batch, in place (see csrc/ops.h).",
         pybind11::arg("sampled_ids"), pybind11::arg("hidden"), pybind11::arg("embed_weight"),

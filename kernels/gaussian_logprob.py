@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from monet_fast.kernels.tiles import INTERPRETER, device_arch, row_launch
 from torch.autograd.function import once_differentiable
 
 # The policy-loss log-ratio is clamped to +-10 before exp, as in the reference (avoids inf/NaN).
@@ -273,24 +274,13 @@ def _gaussian_logprob_backward_kernel(
 # Interpreted kernels are InterpretedFunction objects; compiled ones are JITFunction.
 _INTERPRET = not isinstance(_gaussian_logprob_forward_kernel, triton.runtime.jit.JITFunction)
 
-# Elements per program tile. GPU: 4096 keeps ~16 fp32 values per thread at 8 warps (one 3584-wide
-# row per program), enough loads in flight to stream at HBM speed without spilling. Interpreter:
-# its cost grows with programs x loop iterations, not with tile size, so use big tiles there.
-_GPU_TILE = 4096
-_INTERPRET_TILE = 32768
-_MAX_BLOCK_D = 4096
 
-
-def _launch_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_ROWS, BLOCK_D, num_warps): one row per program for wide rows, row blocks for
-    narrow ones so that a program always moves a useful amount of data."""
-    # 16 is the smallest width that keeps tl.arange / vector loads well-formed for D = 1.
-    block_d = min(max(triton.next_power_of_2(n_cols), 16), _MAX_BLOCK_D)
-    tile = _INTERPRET_TILE if _INTERPRET else _GPU_TILE
-    block_rows = max(1, min(tile // block_d, triton.next_power_of_2(max(n_rows, 1))))
-    elems = block_rows * block_d
-    num_warps = 4 if elems <= 2048 else 8 if elems <= 8192 else 16
-    return block_rows, block_d, num_warps
+def _launch_config(
+    n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device
+) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_D, num_warps) from the tile table (kernels/tiles.py)."""
+    arch = INTERPRETER if _INTERPRET else device_arch(device)
+    return row_launch(n_rows, n_cols, dtype, arch)
 
 
 def _use_triton(*tensors: torch.Tensor) -> bool:
@@ -344,7 +334,7 @@ def gaussian_logprob_forward(
     if n_cols == 0:
         logp.fill_(constant)
     elif n_rows > 0:
-        block_rows, block_d, num_warps = _launch_config(n_rows, n_cols)
+        block_rows, block_d, num_warps = _launch_config(n_rows, n_cols, z.dtype, z.device)
         _gaussian_logprob_forward_kernel[(triton.cdiv(n_rows, block_rows),)](
             z2,
             z2.stride(0),
@@ -383,7 +373,7 @@ def gaussian_logprob_backward(
         return dz, dmu
     g = grad.reshape(-1)  # the gradient of a .sum() arrives expanded (stride 0): keep it a view
     g2 = grad2.reshape(-1) if grad2 is not None else g
-    block_rows, block_d, num_warps = _launch_config(n_rows, n_cols)
+    block_rows, block_d, num_warps = _launch_config(n_rows, n_cols, z.dtype, z.device)
     _gaussian_logprob_backward_kernel[(triton.cdiv(n_rows, block_rows),)](
         z2,
         z2.stride(0),
@@ -496,7 +486,7 @@ def latent_policy_loss_forward(
     loss, logp, ratio, dloss = (torch.empty(n_rows, **f32) for _ in range(4))
     clipped, dual = (torch.empty(n_rows, dtype=torch.int8, device=mu.device) for _ in range(2))
     if n_rows > 0:
-        block_rows, block_d, num_warps = _launch_config(n_rows, max(n_cols, 1))
+        block_rows, block_d, num_warps = _launch_config(n_rows, n_cols, mu.dtype, mu.device)
         _latent_policy_loss_forward_kernel[(triton.cdiv(n_rows, block_rows),)](
             z2,
             z2.stride(0),

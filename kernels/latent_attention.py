@@ -32,6 +32,14 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from monet_fast.kernels.tiles import (
+    INTERPRETER,
+    MAX_HEAD_DIM,
+    BlockConfig,
+    block_d,
+    device_arch,
+    tile_config,
+)
 from triton.runtime.jit import JITFunction
 
 # Tile classes (the int8 values of `LatentMaskPlan.tile_classes`).
@@ -512,42 +520,23 @@ class LatentMaskPlan:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BlockConfig:
-    """Tile shapes and launch knobs of the forward, dK/dV and dQ passes.
-
-    Defaults (D = 128, bf16, sm_90) picked from `ptxas -v` on the compiled kernels, not yet
-    from GPU timings: forward 128 x 64 with 8 warps spills 4 bytes (128 x 128: 180); dK/dV
-    64 x 64 spills ~100 bytes (the tutorial's 32 x 128: 300); dQ 128 x 32 spills none.
-    """
-
-    fwd_m: int = 128
-    fwd_n: int = 64
-    dkdv_m: int = 64
-    dkdv_n: int = 64
-    dq_m: int = 128
-    dq_n: int = 32
-    num_warps: int = 8
-    num_stages: int = 3
-
-
 def _interpreting() -> bool:
     # Decided when the kernels were defined (TRITON_INTERPRET read by @triton.jit at import).
     return not isinstance(_latent_attention_forward_kernel, JITFunction)
 
 
-def block_config(head_dim: int, block_sizes: tuple[int, int] | None = None) -> BlockConfig:
-    """Default tiles (see BlockConfig; 4 warps for D <= 64, where they do not spill). Under the
-    interpreter large tiles run fastest; `block_sizes=(m, n)` forces one tile shape for all
-    passes (tests, tuning)."""
+def block_config(
+    head_dim: int, block_sizes: tuple[int, int] | None = None,
+    dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
+) -> BlockConfig:  # fmt: skip
+    """Tiles for this head_dim, dtype and the device's arch, from `kernels/tiles.py` (the
+    interpreter's under TRITON_INTERPRET=1; the current CUDA device's when device is None).
+    `block_sizes=(m, n)` forces one tile shape for all passes (tests, tuning)."""
     if block_sizes is not None:
         bm, bn = block_sizes
         return BlockConfig(bm, bn, bm, bn, bm, bn, num_warps=4, num_stages=2)
-    if _interpreting():
-        return BlockConfig(32, 32, 32, 32, 32, 32, num_warps=4, num_stages=1)
-    if head_dim <= 64:
-        return BlockConfig(num_warps=4, num_stages=3)
-    return BlockConfig()
+    arch = INTERPRETER if _interpreting() else device_arch(device)
+    return tile_config("latent_attention", dtype, head_dim, arch)
 
 
 def _dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
@@ -578,7 +567,7 @@ def latent_attention_forward(
         q, *_strides(q), k, *_strides(k), v, *_strides(v), o, *_strides(o), lse, mr,
         lists.full_cnt, lists.full_idx, lists.part_cnt, lists.part_idx,
         Hq, Sq, Sk, plan.q_offset, scale * _LOG2E, triton.cdiv(Sq, bm), triton.cdiv(Sk, bn),
-        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=bm, BLOCK_N=bn,
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=bm, BLOCK_N=bn,
         HAS_MASK=plan.masked_rows is not None, DOT_FP32=dot_fp32, DOT_PRECISION=precision,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
@@ -594,16 +583,16 @@ def latent_attention_backward(
     Hkv, Sk = k.shape[1], k.shape[2]
     if do.stride(-1) != 1:
         do = do.contiguous()
-    block_d = triton.next_power_of_2(D)
+    padded_d = block_d(D)  # power of two >= 16: tl.arange and tl.dot's K >= 16
     delta = torch.empty_like(lse)
     _latent_attention_backward_preprocess_kernel[(triton.cdiv(Sq, 64), B * Hq)](
-        o, *_strides(o), do, *_strides(do), delta, Hq, Sq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=64,
+        o, *_strides(o), do, *_strides(do), delta, Hq, Sq, HEAD_DIM=D, BLOCK_D=padded_d, BLOCK_M=64,
     )  # fmt: skip
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     has_mask = plan.masked_rows is not None
     dot_fp32, precision = _dot_flags(q.dtype)
     consts = dict(
-        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d, HAS_MASK=has_mask, DOT_FP32=dot_fp32,
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=padded_d, HAS_MASK=has_mask, DOT_FP32=dot_fp32,
         DOT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
 
@@ -729,7 +718,8 @@ def latent_attention(
 
     Args:
         q: [B, Hq, Sq, D]; k, v: [B, Hkv, Sk, D] with Hq % Hkv == 0 (GQA); fp16/bf16/fp32;
-            D up to 256 (64/80/96/128 are the supported model sizes). Any strides with a
+            D in [1, 256] (64/80/96/128 are the model sizes; D < 16 is zero-padded to 16
+            inside the kernels, tl.dot needing K >= 16). Any strides with a
             contiguous last dimension (e.g. HF's transposed [B, S, H, D] views).
         masked_rows: int [B or 1, >= Sk, 4]: rows [r0, r1) and [r2, r3) may not see key j
             (only the first Sk columns are read, so a whole-sequence description can be
@@ -752,8 +742,8 @@ def latent_attention(
         raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} (need same B, D and Hq % Hkv == 0)")  # fmt: skip
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:  # fmt: skip
         raise ValueError(f"q, k, v must share a dtype in fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")  # fmt: skip
-    if D > 256:
-        raise RuntimeError(f"latent_attention supports head_dim <= 256, got {D}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"latent_attention supports head_dim in [1, {MAX_HEAD_DIM}], got {D}")
     scale = D**-0.5 if scale is None else float(scale)
     use_triton = q.is_cuda or (_interpreting() and q.device.type == "cpu")
     if not use_triton:
@@ -762,4 +752,5 @@ def latent_attention(
         return torch.zeros_like(q)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     plan = _get_plan(masked_rows, kv_lens, B, Sq, k.shape[2], q_offset, q.device)
-    return LatentAttentionFunction.apply(q, k, v, plan, scale, block_config(D, block_sizes))
+    config = block_config(D, block_sizes, q.dtype, q.device)
+    return LatentAttentionFunction.apply(q, k, v, plan, scale, config)

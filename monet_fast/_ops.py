@@ -9,6 +9,7 @@ tests compare the C++/CUDA code with (as vLLM's `_custom_ops.py` does).
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -27,7 +28,16 @@ def _ext():
 
 @functools.cache
 def _has_cuda_build() -> bool:
-    return bool(_ext().build_info().get("cuda", False))
+    info = _ext().build_info()
+    if not info.get("cuda", False):
+        # Asked only for CUDA tensors; the build log's warning is easy to miss (pip hides it).
+        warnings.warn(
+            f"monet_fast._C was built without its CUDA kernels ({info.get('cuda_reason', '?')}); "
+            "CUDA tensors take the slower torch fallback. Rebuild with nvcc and "
+            "MONET_FAST_REQUIRE_CUDA=1 (see README, Building on CUDA machines)",
+            stacklevel=3,
+        )
+    return bool(info.get("cuda", False))
 
 
 def latent_step(

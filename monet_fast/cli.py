@@ -7,6 +7,8 @@ import importlib
 import json
 import sys
 
+from monet_fast._optional import exit_missing_dependency
+
 
 def _cmd_env(args: argparse.Namespace) -> int:
     from monet_fast.env_info import collect_env, format_env
@@ -22,7 +24,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.name == "list":
         print("\n".join(sorted(REGISTRY)))
         return 0
-    report = run_benchmark(args.name, quick=args.quick)
+    report = run_benchmark(args.name, quick=args.quick, only=args.only)
     print(format_report(report))
     if args.json:
         write_json(report, args.json)
@@ -31,13 +33,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 # Modules that add their own subcommands: each defines `register(subparsers)` and sets
-# `func` on its parser. Imported when the parser is built; keep their top-level imports light.
+# `func` on its parser. All are imported to build the parser (for every command, `env` and
+# `--help` included), so their top-level imports must stay light: the standard library and
+# monet_fast modules that need no optional dependency. A subcommand imports what it needs when
+# it runs, optional packages through `monet_fast._optional.require` (tests/test_install.py
+# builds the parser with the optional packages hidden).
 COMMAND_MODULES: list[str] = [
     "monet_fast.demo",
     "monet_fast.train.cli",
     "monet_fast.train.rl_cli",
     "monet_fast.decode.cli",
     "monet_fast.eval.cli",
+    "monet_fast.kernel_check",
 ]
 
 
@@ -56,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", help="benchmark name, or 'list'")
     p.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
+    p.add_argument("--only", metavar="SUBSTR", help="only the cases whose label contains SUBSTR")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.set_defaults(func=_cmd_bench)
 
@@ -71,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"monet-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:
+        # An optional dependency (deepspeed, matplotlib, ...) missing: one line naming the
+        # extra that installs it, not a traceback. Any other missing module is a bug: re-raised.
+        return exit_missing_dependency(err, f"monet-fast {args.command}")
 
 
 if __name__ == "__main__":

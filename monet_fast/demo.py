@@ -207,18 +207,26 @@ class Demo:
             "optim.lr=5.0e-5",
             f"seed={cfg.seed}",
         ]
+        # Several optimizer steps per rollout batch (as the reference's 64 / 16): the latent
+        # term has no gradient on the first (rollout latents are the policy mean) and acts on
+        # the later ones; metrics.jsonl logs each update ("update" lines, latent_*).
         if cfg.quick:
             overrides += [
                 "rollout.group_size=2",
                 "rollout.prompts_per_step=2",
-                "trainer.mini_batch_prompts=2",
+                "trainer.mini_batch_prompts=1",  # 2 updates per rollout batch
                 "trainer.micro_batch_size=4",
+                # The quick model answers nothing right yet: without the filter its groups
+                # (advantage 0, KL only) still run the update path; no extra rollouts.
+                "filter.enabled=false",
+                "filter.max_extra_rollouts=0",
             ]
         else:
             overrides += [
                 "rollout.prompts_per_step=8",
-                "trainer.mini_batch_prompts=8",
+                "trainer.mini_batch_prompts=2",  # up to 4 updates per rollout batch
                 "trainer.micro_batch_size=16",
+                "filter.max_extra_rollouts=1",  # at most one more rollout call to fill the step
             ]
         result = rl(
             None,

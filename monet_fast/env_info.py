@@ -1,4 +1,8 @@
-"""What a bug report needs: versions of monet_fast, its extension, torch and friends, and GPUs."""
+"""What a bug report needs: versions of monet_fast, its extension, torch and friends, and GPUs.
+
+Works with the core install alone: optional packages are looked up, never imported, and a
+missing one is reported with the pip command that installs it.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,19 @@ import sys
 
 import torch
 
+from monet_fast import _optional
+
 
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def _optional_version(module: str) -> str:
+    version = _optional.version(module)
+    return version if version is not None else f"not installed ({_optional.install_hint(module)})"
 
 
 def collect_env() -> dict:
@@ -38,11 +49,13 @@ def collect_env() -> dict:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "triton": _version("triton"),
         "transformers": _version("transformers"),
         "tokenizers": _version("tokenizers"),
-        "deepspeed": _version("deepspeed"),
-        "flash_attn": _version("flash-attn"),
+        # Optional parts: importable or not (a hidden/broken package reads "not installed").
+        "triton": _optional_version("triton"),
+        "deepspeed": _optional_version("deepspeed"),
+        "matplotlib": _optional_version("matplotlib"),
+        "flash_attn": _optional_version("flash_attn"),
         "cpu_threads": torch.get_num_threads(),
         "gpus": gpus,
     }

@@ -1,5 +1,6 @@
 """Latent-feedback decoding: the C++ state machine, generate() against a no-cache oracle, HF
-generate, batching, stops, bad inputs, the CLI; CUDA-graph checks on GPU only.
+generate, batching, stops, bad inputs, the CLI, the CUDA latent step. CUDA-graph decoding is
+tested in test_decode_graphs.py; shared helpers are in decode_helpers.py.
 
 The oracle (`reference_decode`) is written from the rule, not from the engine: one input at a
 time, the full forward recomputed over every input so far at each step (no KV cache), and the
@@ -9,74 +10,27 @@ reference vLLM runner writes it (active / pending / current_len; REFERENCE.md §
 
 from __future__ import annotations
 
-import functools
 import re
 
 import pytest
 import torch
+from decode_helpers import (
+    LAYOUTS,
+    K,
+    decode_model,
+    force_at,
+    ids_of,
+    image_inputs,
+    latent_inputs,
+    text_prompt,
+)
 
 from monet_fast import _ops
 from monet_fast.decode import collapse_latent_spans, generate, render_latent_text
 from monet_fast.decode.pyloop import generate_python_loop
 from monet_fast.model.latent import embed_inputs
-from monet_fast.model.sequence import render_prompt, rope_position_ids
-from monet_fast.model.tokens import IM_END, LATENT_END, LATENT_PAD, LATENT_START
-
-LAYOUTS = ("sft", "monet_vllm")
-K = 3  # latent_size saved in the test models' configs
-
-
-# ----------------------------------------------------------------------------- fixtures
-
-
-@functools.cache
-def _model(layout: str):
-    from monet_fast.model.tiny import tiny_model
-
-    # A larger init range than the default makes the random model's greedy text depend on its
-    # inputs (with 0.02 it repeats one token), so a wrong latent or position changes the output.
-    return tiny_model(seed=0, latent_size=K, latent_layout=layout, initializer_range=0.2)
-
-
-@functools.cache
-def _samples():
-    from monet_fast.data.synthetic import make_samples
-
-    return make_samples(3, seed=0)
-
-
-def image_inputs(n: int = 3) -> list[dict]:
-    return [{"text": render_prompt(s), "images": list(s.question_images)} for s in _samples()[:n]]
-
-
-def text_prompt(processor, question: str) -> str:
-    messages = [{"role": "user", "content": question}]
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def ids_of(processor):
-    tok = processor.tokenizer
-    return {
-        name: tok.convert_tokens_to_ids(t)
-        for name, t in (
-            ("S", LATENT_START),
-            ("E", LATENT_END),
-            ("PAD", LATENT_PAD),
-            ("EOS", IM_END),
-        )
-    }
-
-
-def force_at(schedule: dict[int, int]):
-    """Logits processor: at output index i, add a large bonus to token schedule[i] (every row)."""
-
-    def processor(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        for i, tok in schedule.items():
-            logits[index == i, tok] += 1e6
-        return logits
-
-    return processor
-
+from monet_fast.model.sequence import rope_position_ids
+from monet_fast.model.tokens import IM_END, LATENT_END, LATENT_START
 
 # ------------------------------------------------------------------------------- oracle
 
@@ -338,7 +292,7 @@ def test_oracle_20_collapse_latent_spans():
 
 
 def test_render_latent_text():
-    model, processor = _model("sft")
+    model, processor = decode_model("sft")
     i = ids_of(processor)
     text_ids = processor.tokenizer("red", add_special_tokens=False)["input_ids"]
     ids = text_ids + [i["S"], i["PAD"], i["PAD"], i["E"]] + text_ids + [i["S"], i["PAD"]]
@@ -349,23 +303,14 @@ def test_render_latent_text():
 # ------------------------------------------------------------ generate() vs the oracle
 
 
-def _latent_inputs(processor) -> list[dict]:
-    items = image_inputs(2)
-    items.append(
-        {"text": image_inputs(3)[2]["text"] + LATENT_START, "images": image_inputs(3)[2]["images"]}
-    )
-    items.append({"text": text_prompt(processor, "How many red circles?")})
-    return items
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_greedy_matches_no_cache_reference(layout):
-    model, processor = _model(layout)
+    model, processor = decode_model(layout)
     ids = ids_of(processor)
     # START sampled at output index 1 (entering latent mode from a sampled START) and again at
     # 10; the prompt of input 2 ends with START.
     proc = force_at({1: ids["S"], 10: ids["S"]})
-    items = _latent_inputs(processor)
+    items = latent_inputs(processor)
     out = generate(
         model, processor, items, max_new_tokens=16, logits_processor=proc, return_latents=True
     )
@@ -386,10 +331,10 @@ def test_greedy_matches_no_cache_reference(layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_batch_of_mixed_lengths_equals_each_alone(layout):
-    model, processor = _model(layout)
+    model, processor = decode_model(layout)
     ids = ids_of(processor)
     proc = force_at({2: ids["S"]})
-    items = _latent_inputs(processor)
+    items = latent_inputs(processor)
     batch = generate(
         model,
         processor,
@@ -405,15 +350,17 @@ def test_batch_of_mixed_lengths_equals_each_alone(layout):
         )
         assert batch.sequences[b].tolist() == alone.sequences[0].tolist(), f"input {b}"
         assert batch.latent_counts[b] == alone.latent_counts[0]
-        torch.testing.assert_close(batch.latents[b], alone.latents[0], atol=1e-5, rtol=1e-5)
+        # Left padding changes the attention's summation order: 1.4e-5 measured (torch 2.13
+        # CPU), 1e-4 as for the no-cache oracle.
+        torch.testing.assert_close(batch.latents[b], alone.latents[0], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_engine_matches_python_step_loop(layout):
-    model, processor = _model(layout)
+    model, processor = decode_model(layout)
     ids = ids_of(processor)
     proc = force_at({1: ids["S"], 9: ids["S"]})
-    items = _latent_inputs(processor)
+    items = latent_inputs(processor)
     kwargs = dict(max_new_tokens=15, logits_processor=proc, return_latents=True)
     ours = generate(model, processor, items, **kwargs)
     loop = generate_python_loop(model, processor, items, **kwargs)
@@ -426,7 +373,7 @@ def test_engine_matches_python_step_loop(layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("k", [1, 2, 5])
 def test_forced_close_after_exactly_k(layout, k):
-    model, processor = _model(layout)
+    model, processor = decode_model(layout)
     ids = ids_of(processor)
     # latent_size overrides the saved K (3) per call.
     out = generate(
@@ -457,7 +404,7 @@ def test_forced_close_after_exactly_k(layout, k):
 
 
 def test_monet_vllm_sampled_end_closes_early():
-    model, processor = _model("monet_vllm")
+    model, processor = decode_model("monet_vllm")
     ids = ids_of(processor)
     proc = force_at({1: ids["S"], 3: ids["E"]})
     item = image_inputs(1)[0]
@@ -482,7 +429,7 @@ def test_monet_vllm_sampled_end_closes_early():
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_latent_block_cap(layout):
-    model, processor = _model(layout)
+    model, processor = decode_model(layout)
     ids = ids_of(processor)
 
     def always_start(logits, index):
@@ -517,13 +464,13 @@ def test_latent_block_cap(layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_eos_stops_each_sequence(layout):
-    model, processor = _model(layout)
+    model, processor = decode_model(layout)
     ids = ids_of(processor)
     items = image_inputs(3)
 
     def eos_for_row0(logits, index):
         if logits.shape[0] == 3:  # only in the batch: row 0 stops at output index 4
-            logits[0, ids["EOS"]] += 1e6 * bool(index[0] == 4)
+            logits[0, ids["EOS"]] += 1e6 * (index[0] == 4).to(logits.dtype)  # graph-safe
         return logits
 
     out = generate(model, processor, items, max_new_tokens=9, logits_processor=eos_for_row0)
@@ -546,7 +493,7 @@ def test_eos_stops_each_sequence(layout):
 
 
 def test_stop_strings_and_max_new_tokens():
-    model, processor = _model("sft")
+    model, processor = decode_model("sft")
     items = image_inputs(2)
     full = generate(model, processor, items, max_new_tokens=12)
     assert [len(s) for s in full.sequences] == [12, 12]
@@ -560,33 +507,6 @@ def test_stop_strings_and_max_new_tokens():
     assert out.finish_reasons[0] == "stop"
     if stop not in tok.decode(full.sequences[1].tolist()):
         assert out.sequences[1].tolist() == full.sequences[1].tolist()
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_graph_path_emulated_on_cpu_matches_eager(layout):
-    # The CUDA-graph path minus the capture: batch padded to a bucket, cache padded to 256
-    # columns with a full-width mask, counters advanced on the device, buffers reused by the
-    # next call (so their reset is tested too).
-    from monet_fast.decode.engine import LatentDecoder
-
-    model, processor = _model(layout)
-    ids = ids_of(processor)
-    decoder = LatentDecoder(model, processor, emulate_graphs=True)
-    proc = force_at({1: ids["S"], 9: ids["S"]})
-    items = _latent_inputs(processor)[:3]  # bucket 4: one padding row
-    kw = dict(max_new_tokens=14, logits_processor=proc, return_latents=True, check_every=4)
-    eager = generate(model, processor, items, **kw)
-    for _ in range(2):
-        static = decoder.generate(items, **kw)
-        assert [s.tolist() for s in static.sequences] == [s.tolist() for s in eager.sequences]
-        assert static.latent_counts == eager.latent_counts
-        for a, b in zip(static.latents, eager.latents):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert len(decoder._graphs) == 1  # one runner, reused
-    sampled = dict(max_new_tokens=8, do_sample=True, top_p=0.9, seed=3)
-    assert [s.tolist() for s in decoder.generate(items, **sampled).sequences] == [
-        s.tolist() for s in decoder.generate(items, **sampled).sequences
-    ]
 
 
 # ------------------------------------------------------------------------ HF generate
@@ -608,7 +528,7 @@ def _hf_greedy(model, processor, texts, images, max_new_tokens, **kwargs) -> lis
 
 
 def test_plain_decoding_equals_hf_generate():
-    model, processor = _model("sft")
+    model, processor = decode_model("sft")
     start = ids_of(processor)["S"]
     texts = [text_prompt(processor, q) for q in ("What is the color?", "Count the dots, please.")]
     ours = generate(model, processor, texts, max_new_tokens=12)
@@ -639,7 +559,7 @@ def test_plain_decoding_equals_hf_generate():
 
 
 def test_sampling_is_reproducible_with_a_seed():
-    model, processor = _model("monet_vllm")
+    model, processor = decode_model("monet_vllm")
     items = image_inputs(2)
     kw = dict(max_new_tokens=10, do_sample=True, temperature=0.8, top_p=0.9)
     a = generate(model, processor, items, seed=1, **kw)
@@ -654,7 +574,7 @@ def test_sampling_is_reproducible_with_a_seed():
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
-    model, processor = _model("sft")
+    model, processor = decode_model("sft")
     item = image_inputs(1)[0]
     with pytest.raises(ValueError, match="latent_size must be an int >= 1, got 0"):
         generate(model, processor, [item], max_new_tokens=2, latent_size=0)
@@ -702,7 +622,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 def test_chat_conversation_input(tmp_path):
     from PIL import Image
 
-    model, processor = _model("sft")
+    model, processor = decode_model("sft")
     path = tmp_path / "img.png"
     Image.new("RGB", (56, 56), (10, 200, 30)).save(path)
     conversation = [
@@ -729,7 +649,7 @@ def test_cli_generate_streams_text_and_latent_blocks(tmp_path, capsys):
     from monet_fast.cli import main
     from monet_fast.model.loading import save_pretrained
 
-    model, processor = _model("sft")
+    model, processor = decode_model("sft")
     save_pretrained(model, processor, tmp_path / "model")
     image = tmp_path / "img.png"
     Image.new("RGB", (64, 48), (200, 30, 30)).save(image)
@@ -777,6 +697,9 @@ def test_cli_generate_streams_text_and_latent_blocks(tmp_path, capsys):
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_cuda_latent_step_matches_torch(layout):
+    # Without the CUDA kernel _ops.latent_step takes the torch fallback: it would compare with itself.
+    info = _ops._ext().build_info()
+    assert info["cuda"], f"monet_fast._C has no CUDA kernels: {info.get('cuda_reason')}"
     gen = torch.Generator().manual_seed(0)
     batch, hidden, vocab = 37, 300, 12
     lay = _ops.LAYOUT_IDS[layout]
@@ -791,28 +714,3 @@ def test_cuda_latent_step_matches_torch(layout):
             want = _run_latent_step(_ops.latent_step_torch, sampled, h, table, state_ref, lay)
             for a, b in zip(state + got, state_ref + want):
                 assert torch.equal(a, b)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_cuda_graphs_match_eager(layout):
-    from monet_fast.model.tiny import tiny_model
-
-    model, processor = tiny_model(
-        seed=0, latent_size=K, latent_layout=layout, initializer_range=0.2
-    )
-    model = model.cuda()
-    ids = ids_of(processor)
-    proc = force_at({1: ids["S"], 9: ids["S"]})
-    items = _latent_inputs(processor)[:3]  # bucket 4: one padding row
-    kw = dict(max_new_tokens=20, logits_processor=proc, return_latents=True, check_every=5)
-    eager = generate(model, processor, items, use_cuda_graphs=False, **kw)
-    for _ in range(2):  # the second call replays the cached graph
-        graphed = generate(model, processor, items, use_cuda_graphs=True, **kw)
-        assert [s.tolist() for s in graphed.sequences] == [s.tolist() for s in eager.sequences]
-        assert graphed.latent_counts == eager.latent_counts
-        for a, b in zip(graphed.latents, eager.latents):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    cpu_model, _ = _model(layout)
-    cpu = generate(cpu_model, processor, items, **kw)
-    assert [s.tolist() for s in cpu.sequences] == [s.tolist() for s in eager.sequences]

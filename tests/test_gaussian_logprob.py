@@ -17,13 +17,13 @@ import sys
 
 import pytest
 import torch
-import triton
 from monet_fast.kernels import (
     gaussian_logprob,
     gaussian_logprob_reference,
     latent_policy_loss,
     latent_policy_loss_reference,
 )
+from monet_fast.kernels.tiles import row_launch
 from torch.testing import assert_close
 
 # The module, not the function of the same name that monet_fast.kernels re-exports.
@@ -384,33 +384,19 @@ def test_policy_loss_logp_only_backward():
 
 def _compile_sm90(kernel, args: dict, num_warps: int):
     """triton.compile for H100 (sm_90) with the specialisation the JIT would make for inputs
-    whose pointers are 16-byte aligned and whose sizes / strides are multiples of 16: a value
-    "T:16" is a type with that divisibility hint, a bare string a type, anything else a constant
-    (strides equal to 1 are constants in the JIT too)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    whose pointers are 16-byte aligned and whose sizes / strides are multiples of 16 (see
+    `monet_fast.kernel_check.compile_kernel`: "T:16" a type with that hint, a bare type string,
+    anything else a constant)."""
+    from monet_fast.kernel_check import compile_kernel
 
-    names = list(kernel.arg_names)
-    assert set(args) == set(names), set(names) ^ set(args)
-    signature, constexprs, attrs = {}, {}, {}
-    for name in names:
-        value = args[name]
-        if isinstance(value, str):
-            signature[name] = value.removesuffix(":16")
-            if value.endswith(":16"):
-                attrs[(names.index(name),)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "constexpr"
-            constexprs[name] = value
-    src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return compile_kernel(kernel, args, "sm_90", num_warps)
 
 
 def _sm90_compile_report() -> dict:
     """Compile every kernel for sm_90 as launched for 16384 x 3584 bf16 (plus a narrow, mixed-
     dtype, generic-stride variant); report which vector memory instructions the PTX uses."""
     assert not glp._INTERPRET, "needs a process where TRITON_INTERPRET was unset at import"
-    block_rows, block_d, num_warps = glp._launch_config(16384, 3584)
+    block_rows, block_d, num_warps = row_launch(16384, 3584, "bf16", "sm_90")
     pair = {
         "Z_ptr": "*bf16:16",
         "Z_row_stride": "i32:16",
@@ -467,7 +453,7 @@ def _sm90_compile_report() -> dict:
         },
         num_warps,
     )
-    narrow_rows, narrow_d, narrow_warps = glp._launch_config(100000, 7)
+    narrow_rows, narrow_d, narrow_warps = row_launch(100000, 7, "fp16", "sm_90")
     narrow = _compile_sm90(
         glp._gaussian_logprob_backward_kernel,
         {

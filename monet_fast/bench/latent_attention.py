@@ -210,8 +210,9 @@ def setup_case(
 
 def _time_cuda(fn: Callable[[], object], quick: bool) -> float:
     """Median seconds per call from CUDA events (triton do_bench)."""
-    from triton.testing import do_bench
+    from monet_fast._optional import require
 
+    do_bench = require("triton.testing", "GPU timing").do_bench
     return do_bench(fn, warmup=10 if quick else 25, rep=50 if quick else 200, return_mode="median") / 1e3  # fmt: skip
 
 

@@ -56,7 +56,9 @@ CASES = cases(quick=False)
 
 def setup_case(case: Case, provider: str) -> Callable[[], None]:
     """Build model, batch, teacher and a DeepSpeed engine; return one training step."""
-    import deepspeed
+    from monet_fast._optional import require
+
+    deepspeed = require("deepspeed", "the train-step benchmark")
 
     from monet_fast.data import collate, make_samples
     from monet_fast.model.latent import latent_forward

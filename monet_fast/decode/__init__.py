@@ -4,12 +4,33 @@ See `monet_fast.decode.engine` for the decoding rule of both latent layouts and 
 design (C++/CUDA state machine, static KV cache, CUDA graphs on GPU).
 """
 
-from monet_fast.decode.engine import GenerateOutput, LatentDecoder, generate
-from monet_fast.decode.text import collapse_latent_spans, render_latent_text
+import importlib
+from typing import Any
+
+# Exports are imported on first use: `monet_fast.decode.cli` is imported to build the CLI parser
+# (for every command), which must not pull transformers and the model through the engine.
+_LAZY = {
+    "GenerateOutput": "monet_fast.decode.engine",
+    "LatentDecoder": "monet_fast.decode.engine",
+    "generate": "monet_fast.decode.engine",
+    "GraphUnsafeProcessorWarning": "monet_fast.decode.graph_safety",
+    "LogitsProcessor": "monet_fast.decode.graph_safety",
+    "collapse_latent_spans": "monet_fast.decode.text",
+    "render_latent_text": "monet_fast.decode.text",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'monet_fast.decode' has no attribute {name!r}")
+
 
 __all__ = [
     "GenerateOutput",
+    "GraphUnsafeProcessorWarning",
     "LatentDecoder",
+    "LogitsProcessor",
     "collapse_latent_spans",
     "generate",
     "render_latent_text",

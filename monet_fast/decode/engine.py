@@ -18,7 +18,10 @@ One decode step = model forward of one token per row on a static KV cache -> LM 
 -> `_ops.latent_step` (C++/CUDA: state machine + selection of the next input embedding). All state
 is on the device; the host looks at it only every `check_every` steps (finished rows, stop
 strings, streaming, draining the latent trace). On CUDA the step is captured once per batch
-bucket in a CUDA graph and replayed (`graphs.py`); on CPU it runs eagerly.
+bucket in a CUDA graph and replayed (`graphs.py`); on CPU it runs eagerly. A logits processor is
+captured with the step: it must follow the graph-safe contract (`graph_safety.py`), checked
+before capture; one that does not is run eagerly (no graphs) with a warning. Captured graphs are
+dropped when the weights change storage, dtype or device (`graphs.weights_fingerprint`).
 
 Positions: a row's decoded tokens (text and latent alike) are ordinary text positions for mRoPE:
 max prompt position + 1 + i on all three axes. Left padding stays masked by a per-row additive
@@ -27,27 +30,28 @@ mask that gains one visible column per step.
 
 from __future__ import annotations
 
-import inspect
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from monet_fast import _ops
+from monet_fast._compat import cache_kwarg
+from monet_fast.decode.graph_safety import (
+    GraphUnsafeProcessorWarning,
+    LogitsProcessor,
+    check_logits_processor,
+)
+from monet_fast.decode.host import GenerateOutput, HostView, Streamer
 from monet_fast.decode.inputs import PreparedBatch, prepare_batch
 from monet_fast.decode.state import DecodeBuffers
 from monet_fast.model.config import LATENT_LAYOUTS, LatentConfig, get_latent_config
 from monet_fast.model.latent import embed_inputs
 from monet_fast.model.sequence import rope_position_ids
 
-# logits [B, V] float32, per-row index of the token being sampled in the row's output
-# ([B] int64; -1 for the forced START of a prompt that ends with it) -> logits. Must not sync
-# with the host when CUDA graphs are used (it is captured with the step).
-LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# (row, new token ids) called at every host check with the tokens produced since the last one.
-Streamer = Callable[[int, list[int]], None]
 # (vectors [B, H] about to be fed back, per-row index of the latent in the row's trace [B] int64)
 # -> the vectors to feed instead (latent interventions; eager decoding only).
 LatentTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -70,27 +74,6 @@ class _Intervention:
 NO_BLOCK_CAP = 2**31 - 1
 DEFAULT_CHECK_EVERY = 8
 _GRAPH_LEN_MULTIPLE = 256
-
-
-@dataclass
-class GenerateOutput:
-    """What `generate` returns, one entry per input, in input order.
-
-    sequences: generated ids [n] int64 (EOS included when it stopped on one); a fed-back latent
-        step appears as the `<abs_vis_token_pad>` id.
-    texts: the sequences decoded with special tokens (latent blocks visible), final EOS removed.
-    latents: with return_latents, [n_blocks, K, hidden] per input: every vector fed back, block by
-        block; a block closed early (monet_vllm END) or cut by a stop is zero-padded, see
-        latent_counts.
-    latent_counts: with return_latents, the number of vectors in each block.
-    finish_reasons: "eos", "stop" (stop string) or "length" (max_new_tokens).
-    """
-
-    sequences: list[torch.Tensor]
-    texts: list[str]
-    latents: list[torch.Tensor] | None = None
-    latent_counts: list[list[int]] | None = None
-    finish_reasons: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -271,12 +254,6 @@ class _Runner:
     graph: object | None = None
 
 
-def cache_kwarg(language_model) -> str:
-    """Name of the KV-cache argument: `cache` in transformers 5.24, `past_key_values` in 5.17."""
-    params = inspect.signature(language_model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 class LatentDecoder:
     """The decoding engine for one model: holds the step function and its captured graphs.
 
@@ -295,7 +272,6 @@ class LatentDecoder:
         self.processor = processor
         self.lm = model.model.language_model
         self.lm_head = model.lm_head
-        self.embed_weight = model.get_input_embeddings().weight
         self._cache_kw = cache_kwarg(self.lm.layers[0])
         layer_types = set(getattr(self.lm.config, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
@@ -304,6 +280,12 @@ class LatentDecoder:
             )
         self.max_cached_graphs = max_cached_graphs
         self._graphs: OrderedDict[tuple, _Runner] = OrderedDict()
+        self._graph_weights: tuple | None = None  # weights_fingerprint the graphs were made on
+
+    @property
+    def embed_weight(self) -> torch.Tensor:
+        # Looked up each time: the embedding module may be replaced (resize, reload).
+        return self.model.get_input_embeddings().weight
 
     # ------------------------------------------------------------------ public
 
@@ -339,21 +321,38 @@ class LatentDecoder:
     def _use_graphs(self, cfg: DecodeConfig) -> bool:
         return cfg.use_cuda_graphs and (self.model.device.type == "cuda" or self.emulate_graphs)
 
+    def _eager_runner(self, cfg: DecodeConfig, batch: int, need_len: int) -> _Runner:
+        ring = cfg.check_every + 1 if cfg.return_latents else None
+        bufs = DecodeBuffers.allocate(self.model, batch, need_len, list(cfg.eos_ids), ring)
+        gen = None
+        if cfg.do_sample and cfg.seed is not None:
+            gen = torch.Generator(device=self.model.device).manual_seed(cfg.seed)
+        return _Runner(bufs=bufs, generator=gen)
+
     def _runner(self, cfg: DecodeConfig, batch: int, need_len: int, processor) -> _Runner:
+        if not self._use_graphs(cfg):
+            return self._eager_runner(cfg, batch, need_len)
+
+        from monet_fast.decode.graphs import (
+            EagerStep,
+            capture_decode_step,
+            make_graph_generator,
+            weights_fingerprint,
+        )
+
         ring = cfg.check_every + 1 if cfg.return_latents else None
         device = self.model.device
-        if not self._use_graphs(cfg):
-            bufs = DecodeBuffers.allocate(self.model, batch, need_len, list(cfg.eos_ids), ring)
-            gen = None
-            if cfg.do_sample and cfg.seed is not None:
-                gen = torch.Generator(device=device).manual_seed(cfg.seed)
-            return _Runner(bufs=bufs, generator=gen)
-
-        from monet_fast.decode.graphs import EagerStep, capture_decode_step, make_graph_generator
-
+        # A graph holds the addresses of the weights it was captured on: after model.to(dtype or
+        # device), a reload or any other change of a parameter's storage, replaying it would read
+        # freed memory. Such a change drops every graph (and its KV cache) before capturing anew.
+        # In-place updates (optimizer steps) keep the storage, so the graphs stay valid.
+        weights = weights_fingerprint(self.model)
+        if weights != self._graph_weights:
+            self._graphs.clear()
+            self._graph_weights = weights
         bucket = batch_bucket(batch)
         max_len = _round_up(need_len, _GRAPH_LEN_MULTIPLE)
-        # Everything baked into the captured kernels is part of the key.
+        # Everything else baked into the captured kernels is part of the key.
         key = (
             bucket,
             max_len,
@@ -368,10 +367,23 @@ class LatentDecoder:
             cfg.fill_id,
             cfg.eos_ids,
             cfg.max_blocks,
+            # The runner's step closure keeps the processor alive, so its id is not reused.
             id(processor) if processor is not None else None,
         )
         runner = self._graphs.get(key)
         if runner is None:
+            if processor is not None:
+                vocab = self.lm_head.weight.shape[0]
+                problem = check_logits_processor(processor, bucket, vocab, device)
+                if problem is not None:
+                    warnings.warn(
+                        f"logits_processor is not CUDA-graph safe: it {problem}. Decoding "
+                        "without CUDA graphs (same results, slower); see LogitsProcessor in "
+                        "monet_fast.decode.graph_safety for the contract.",
+                        GraphUnsafeProcessorWarning,
+                        stacklevel=4,
+                    )
+                    return self._eager_runner(cfg, batch, need_len)
             while len(self._graphs) >= self.max_cached_graphs:
                 self._graphs.popitem(last=False)  # free the oldest graph and its KV cache
             bufs = DecodeBuffers.allocate(self.model, bucket, max_len, list(cfg.eos_ids), ring)
@@ -384,7 +396,7 @@ class LatentDecoder:
             if device.type == "cuda":
                 runner.graph = capture_decode_step(step, generator=gen)
             else:  # emulate_graphs
-                runner.graph = EagerStep(step)
+                runner.graph = EagerStep(step, device, lambda: weights_fingerprint(self.model))
             self._graphs[key] = runner
         else:
             self._graphs.move_to_end(key)
@@ -418,7 +430,9 @@ class LatentDecoder:
             )
         self._prefill(bufs, batch, cfg, offsets, processor, runner.generator, intervention)
 
-        host = _HostView(self, bufs, cfg, n_rows, offsets, streamer)
+        hidden_size = self.embed_weight.shape[1]
+        tokenizer = self.processor.tokenizer
+        host = HostView(tokenizer, hidden_size, bufs, cfg, n_rows, offsets, streamer)
         last = 0  # index of the newest emission
         # The host looks at the device state only here, every check_every steps.
         while not host.check(last) and last < n_emit - 1:
@@ -625,139 +639,6 @@ class LatentDecoder:
             bufs.ring.index_copy_(0, slot, hidden.unsqueeze(0).to(bufs.ring.dtype))
 
 
-class _HostView:
-    """The host side of a generate() call: periodic checks, stop strings, streaming, results."""
-
-    def __init__(
-        self,
-        decoder: LatentDecoder,
-        bufs: DecodeBuffers,
-        cfg: DecodeConfig,
-        n_rows: int,
-        offsets: list[int],
-        streamer: Streamer | None,
-    ) -> None:
-        self.decoder = decoder
-        self.tokenizer = decoder.processor.tokenizer
-        self.bufs = bufs
-        self.cfg = cfg
-        self.n_rows = n_rows
-        self.offsets = offsets
-        self.streamer = streamer
-        self.ids: list[list[int]] = [[] for _ in range(n_rows)]  # emissions, by index
-        self.fed: list[list[bool]] = [[] for _ in range(n_rows)]
-        self.vectors: list[dict[int, torch.Tensor]] = [{} for _ in range(n_rows)]
-        self.n_emitted = [0] * n_rows
-        self.stop_len: list[int | None] = [None] * n_rows  # output length cut by a stop string
-        self.clean_len = [0] * n_rows  # output length known to contain no stop string
-        self.reported = [0] * n_rows
-        self.done = [False] * n_rows
-
-    def _output_len(self, row: int) -> int:
-        if self.stop_len[row] is not None:
-            return self.stop_len[row]
-        return self.n_emitted[row] - self.offsets[row]
-
-    def check(self, last: int) -> bool:
-        """Pull emissions up to index `last` to the host; returns True when every row is done."""
-        bufs, n = self.bufs, self.n_rows
-        first = len(self.ids[0])
-        new_ids = bufs.out_ids[:n, first : last + 1].cpu().tolist()
-        new_fed = bufs.out_fed[:n, first : last + 1].cpu()
-        mode = bufs.mode[:n].cpu().tolist()
-        remaining = bufs.remaining[:n].cpu().tolist()
-        if bufs.ring is not None and bool(new_fed.any()):
-            ring_len = bufs.ring.shape[0]
-            rows, cols = new_fed.nonzero(as_tuple=True)
-            slots = torch.remainder(cols + first, ring_len).to(bufs.ring.device)
-            vecs = bufs.ring[slots, rows.to(bufs.ring.device)].cpu()
-            for r, c, v in zip(rows.tolist(), cols.tolist(), vecs):
-                self.vectors[r][first + c] = v
-        for b in range(n):
-            self.ids[b].extend(new_ids[b])
-            self.fed[b].extend(new_fed[b].tolist())
-            budget = self.cfg.max_new_tokens + self.offsets[b]
-            self.n_emitted[b] = budget - remaining[b]
-            self.done[b] = mode[b] == _ops.MODE_DONE
-        if self.cfg.stop_strings:
-            self._apply_stop_strings()
-        if self.streamer is not None:
-            for b in range(n):
-                end = self._output_len(b)
-                if end > self.reported[b]:
-                    start = self.offsets[b]
-                    self.streamer(b, self.ids[b][start + self.reported[b] : start + end])
-                    self.reported[b] = end
-        return all(self.done)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-    def _apply_stop_strings(self) -> None:
-        stops = self.cfg.stop_strings
-        for b in range(self.n_rows):
-            if self.stop_len[b] is not None:
-                continue
-            start, end = self.offsets[b], self.offsets[b] + self._output_len(b)
-            out = self.ids[b][start:end]
-            if not any(s in self._decode(out) for s in stops):
-                self.clean_len[b] = len(out)
-                continue
-            # Shortest prefix that contains a stop string (HF semantics: keep the stop text).
-            cut = next(
-                i
-                for i in range(self.clean_len[b] + 1, len(out) + 1)
-                if any(s in self._decode(out[:i]) for s in stops)
-            )
-            self.stop_len[b] = cut
-            self.done[b] = True
-            if not bool(self.bufs.mode[b] == _ops.MODE_DONE):
-                self.bufs.mode[b] = _ops.MODE_DONE
-
-    def collect(self) -> GenerateOutput:
-        cfg = self.cfg
-        sequences, texts, reasons = [], [], []
-        latents: list[torch.Tensor] | None = [] if cfg.return_latents else None
-        counts: list[list[int]] | None = [] if cfg.return_latents else None
-        hidden_size = self.decoder.embed_weight.shape[1]
-        for b in range(self.n_rows):
-            start = self.offsets[b]
-            length = self._output_len(b)
-            out = self.ids[b][start : start + length]
-            if self.stop_len[b] is not None:
-                reason = "stop"
-            elif out and out[-1] in cfg.eos_ids:
-                reason = "eos"
-            else:
-                reason = "length"
-            sequences.append(torch.tensor(out, dtype=torch.long))
-            texts.append(self._decode(out[:-1] if reason == "eos" else out))
-            reasons.append(reason)
-            if latents is not None:
-                # Emission indices < start + length, including a forced START's fed-back row.
-                fed = [i for i in sorted(self.vectors[b]) if i < start + length]
-                blocks: list[list[torch.Tensor]] = []
-                prev = None
-                for i in fed:
-                    if prev is None or i != prev + 1:
-                        blocks.append([])
-                    blocks[-1].append(self.vectors[b][i])
-                    prev = i
-                dtype = self.bufs.next_embeds.dtype
-                t = torch.zeros(len(blocks), cfg.latent_size, hidden_size, dtype=dtype)
-                for j, block in enumerate(blocks):
-                    t[j, : len(block)] = torch.stack(block)
-                latents.append(t)
-                counts.append([len(block) for block in blocks])
-        return GenerateOutput(
-            sequences=sequences,
-            texts=texts,
-            latents=latents,
-            latent_counts=counts,
-            finish_reasons=reasons,
-        )
-
-
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -810,10 +691,20 @@ def generate(
         max_latent_blocks: latent blocks a sequence may open (START is masked beyond it).
         stop_strings: stop a sequence once its text contains one (checked every check_every).
         eos_token_id: stop ids; default: generation_config.eos_token_id.
-        use_cuda_graphs: capture/replay the decode step on CUDA (ignored on CPU).
+        use_cuda_graphs: capture/replay the decode step on CUDA (ignored on CPU). Falls back to
+            eager decoding, with a `GraphUnsafeProcessorWarning`, when logits_processor is not
+            graph-safe (make it an error with `warnings.simplefilter("error", ...)`).
         check_every: decode steps between host checks (finished rows, stop strings, streaming).
-        logits_processor: `fn(logits [B, V] float32, index [B] int64) -> logits`, applied before
-            sampling (testing/benchmark hook; must be graph-safe on CUDA).
+        logits_processor: `fn(logits [B, V] float32, index [B] int64) -> logits [B, V]`, applied
+            before sampling; index is the row's output index of the token being sampled (-1 for
+            a START forced by the prompt). With CUDA graphs it is recorded once with the step and
+            replayed, so it must be graph-safe: pure tensor ops on the logits' device, no
+            `.item()`/`.tolist()`/`bool()` of a tensor, no Python branching on tensor values, no
+            boolean-mask indexing or other value-dependent shapes (`nonzero`, `masked_select`),
+            no copies to the host, no `torch.tensor(...)` per call; B is then the batch bucket.
+            Use e.g. `logits[:, tok] += (index == i) * bonus`, `torch.where`, `masked_fill`,
+            `index_fill`, `scatter`. It is checked before capture (`graph_safety.py`; it runs
+            once eagerly, then under a host-sync detector).
         streamer: `fn(row, new_ids)` called at each host check with the new output tokens.
         latent_transform: `fn(vectors [B, H], trace_index [B]) -> [B, H]` replaces every fed-back
             latent (interventions such as zero / noise / shuffle); decodes without CUDA graphs.

@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from monet_fast._compat import cache_kwarg
 from monet_fast.decode.engine import (
     NO_BLOCK_CAP,
     GenerateOutput,
     LogitsProcessor,
-    cache_kwarg,
     resolve_config,
     sample_tokens,
 )

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from monet_fast._io import atomic_write_bytes
+from monet_fast._optional import available, missing_message, require
 from monet_fast.eval.collapse import TraceLike, collapse_metrics, cosine_matrix
 from monet_fast.eval.interventions import INTERVENTIONS
 from monet_fast.eval.scoring import ScoredItem, accuracy_by_category
@@ -292,9 +293,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
 
 def _figure_png(fig: Any) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
+    require("matplotlib.backends.backend_agg", "plotting").FigureCanvasAgg(fig)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     return buffer.getvalue()
@@ -302,7 +301,7 @@ def _figure_png(fig: Any) -> bytes:
 
 def plot_accuracy(report: Mapping[str, Any]) -> bytes:
     """PNG bytes: accuracy per intervention (%) with CI error bars, baseline as a dashed line."""
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure", "plotting").Figure
 
     runs = report["interventions"]
     names = list(runs)
@@ -336,7 +335,7 @@ def _nan(x: Any) -> float:
 
 def plot_heatmap(report: Mapping[str, Any]) -> bytes:
     """PNG bytes: the heatmap's cosine matrix with sample boundaries, or a 'no traces' panel."""
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure", "plotting").Figure
 
     heatmap = report.get("heatmap")
     fig = Figure(figsize=(5.6, 4.8))
@@ -380,12 +379,9 @@ def write_report(out_dir: str | os.PathLike, report: Mapping[str, Any]) -> dict[
     text = json.dumps(clean, indent=1, allow_nan=False, ensure_ascii=False) + "\n"
     atomic_write_bytes(paths["json"], text.encode("utf-8"))
     atomic_write_bytes(paths["markdown"], render_markdown(clean).encode("utf-8"))
-    try:
-        import matplotlib  # noqa: F401  (optional dependency)
-    except ImportError:
+    if not available("matplotlib"):  # optional: the report stays useful without plots
         warnings.warn(
-            "matplotlib is not installed (pip install monet_fast[plots]): no PNG plots written",
-            stacklevel=2,
+            missing_message("matplotlib", "plotting") + " (no PNG plots written)", stacklevel=2
         )
         return paths
     paths["accuracy_plot"] = out / ACCURACY_PNG

@@ -26,14 +26,36 @@ mask is built as for "sdpa" and the attention runs SDPA with it (combined with m
 
 from __future__ import annotations
 
+import functools
+import importlib
+from types import ModuleType
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
-from monet_fast.kernels.latent_attention import PADDING_COLUMN, dense_mask, latent_attention
+from monet_fast._optional import require
 
 ATTN_IMPLEMENTATION = "monet_latent"
+
+
+@functools.cache
+def _kernels() -> ModuleType:
+    """monet_fast.kernels.latent_attention, imported on first use: it needs Triton, which is not
+    installed everywhere (no wheels off Linux), and importing the model must not need it."""
+    require("triton", f"the {ATTN_IMPLEMENTATION!r} attention (Triton kernels)")
+    return importlib.import_module("monet_fast.kernels.latent_attention")
+
+
+def latent_attention(*args, **kwargs) -> torch.Tensor:
+    """`monet_fast.kernels.latent_attention.latent_attention` (imported on first call)."""
+    return _kernels().latent_attention(*args, **kwargs)
+
+
+def dense_mask(*args, **kwargs) -> torch.Tensor:
+    """`monet_fast.kernels.latent_attention.dense_mask` (imported on first call)."""
+    return _kernels().dense_mask(*args, **kwargs)
 
 
 def latent_mask(
@@ -95,7 +117,7 @@ def _with_key_padding(masked_rows: torch.Tensor | None, key_valid: torch.Tensor)
         mr = torch.zeros(B, Sk, 4, dtype=torch.int32, device=key_valid.device)
     else:
         mr = masked_rows[:, :Sk].to(device=key_valid.device, dtype=torch.int32).expand(B, Sk, 4)
-    padding = torch.tensor(PADDING_COLUMN, dtype=torch.int32, device=key_valid.device)
+    padding = torch.tensor(_kernels().PADDING_COLUMN, dtype=torch.int32, device=key_valid.device)
     combined = torch.where(key_valid[..., None], mr, padding)
     _last_combined = (masked_rows, version, key_valid, combined)
     return combined

@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from monet_fast._compat import cache_kwarg
 from monet_fast.model import sequence as seq
 from monet_fast.model.attention import ATTN_IMPLEMENTATION
+from monet_fast.model.config import LATENT_LAYOUTS
 from monet_fast.model.losses import LatentGate, LossConfig, stage_loss, weighted_ce_sum
 
 
@@ -88,13 +90,25 @@ def embed_inputs(model, batch: dict) -> torch.Tensor:
 
 
 def _check_blocks(batch: dict, latent_size: int) -> None:
+    """sft: every block has exactly K slots after START. monet_vllm (VLPO replay of the released
+    Monet-7B's runner): START's own row is the first slot and a block holds 1..K rows (an early
+    END, an EOS or the end of the generation shortens it)."""
+    layout = batch.get("latent_layout", "sft")
+    if layout not in LATENT_LAYOUTS:
+        raise ValueError(f"latent_layout must be one of {list(LATENT_LAYOUTS)}, got {layout!r}")
     for b, lay in enumerate(batch["layouts"]):
         for blk in lay.latent_blocks:
             n = blk.slots[1] - blk.slots[0]
-            if n != latent_size:
+            if layout == "sft" and n != latent_size:
                 raise ValueError(
                     f"sample {batch['keys'][b]}: a latent block has {n} slots, expected "
                     f"latent_size={latent_size}"
+                )
+            if layout == "monet_vllm" and (blk.slots[0] != blk.start or not 1 <= n <= latent_size):
+                raise ValueError(
+                    f"sample {batch['keys'][b]}: a monet_vllm latent block must start at its "
+                    f"<abs_vis_token> row and hold 1..latent_size={latent_size} rows, got rows "
+                    f"{blk.slots} with <abs_vis_token> at {blk.start}"
                 )
 
 
@@ -236,6 +250,10 @@ def latent_forward(
       Without it the alignment term is skipped.
     latents: optional per-sample [n_slots, hidden] vectors to feed instead of the fed-back
       hidden states (replaying rollouts, interventions).
+    batch["latent_layout"] (optional, default "sft"): "monet_vllm" replays the released
+      Monet-7B's vLLM layout: a block's slots start at its `<abs_vis_token>` row and hold 1..K
+      rows (`monet_fast.train.replay_vllm`); the feedback rule is the same (a slot's input is the
+      hidden state of the row before it).
     return_states: also return all-layer states at observation positions and latent slots.
     return_hidden: also return the final post-norm hidden states [B, L, H] in the original
       (batch) coordinates, zero at padding; differentiable. VLPO reads its latent means and
@@ -291,6 +309,7 @@ def latent_forward(
     state_chunks: list[tuple[torch.Tensor, ...]] = []
 
     cache = DynamicCache(config=lm.config)
+    cache_kw = cache_kwarg(lm)
     gate_state = {"closed": False}
     step_inputs: list[torch.Tensor] = []  # gated latent inputs, one [B, H] per slot step
     slot_rows: list[torch.Tensor] = []  # which samples have a real slot at that step
@@ -329,7 +348,7 @@ def latent_forward(
             inputs_embeds=x,
             position_ids=positions[:, :, c0:c1],
             **attention_kwargs(c0, c1),
-            cache=cache,
+            **{cache_kw: cache},
             use_cache=True,
             output_hidden_states=bool(need),
         )

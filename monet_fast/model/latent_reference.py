@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from monet_fast._compat import cache_kwarg
 from monet_fast.model import sequence as seq
 from monet_fast.model.latent import LatentForwardOutput, embed_inputs
 from monet_fast.model.losses import LatentGate, LossConfig, stage_loss, weighted_ce_sum
@@ -37,7 +38,7 @@ def _step(lm, cache, pos, s: int, e: int, allowed: torch.Tensor, inp: torch.Tens
         inputs_embeds=inp,
         position_ids=pos[:, :, s:e],
         attention_mask=_float_mask(allowed[:, :, s:e, :e], inp.dtype).to(inp.device),
-        cache=cache,
+        **{cache_kwarg(lm): cache},
         use_cache=True,
     )
     return out.last_hidden_state

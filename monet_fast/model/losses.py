@@ -5,7 +5,9 @@ divide by the total over all gradient-accumulation micro-batches, not per micro-
   - CE: sum over target tokens of weight·ce, normalised by the sum of weights (observation
     tokens weigh `obs_weight`, others 1) — the reference's weighted mean, token-level.
   - Alignment: per sample, mean over layers × positions of (1 − cos); averaged over samples
-    (the reference's `.mean()` per sample then batch mean).
+    (the reference's `.mean()` per sample then batch mean). The cosine runs over the hidden axis
+    by default; `align_cosine="reference"` reproduces the reference's cosine over the position
+    axis (see `alignment_per_sample`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import torch.nn.functional as F
 # 2 and 3; alignment weight 2.0; stage 2 routes alignment through the latents with weight 2.0.
 DEFAULT_OBS_WEIGHT = {"stage1": 2.0, "stage2": 4.0, "stage3": 4.0, "infer": 1.0}
 
+# Which axis the alignment cosine runs over (`alignment_per_sample`).
+ALIGN_COSINES: tuple[str, ...] = ("hidden", "reference")
+
 
 @dataclass
 class LossConfig:
@@ -29,6 +34,8 @@ class LossConfig:
     # Stage 2 only: the alignment gradient reaches the parameters only through the latent
     # vectors, scaled by this factor (the reference's `emphasize_latent_weight`).
     latent_proxy_weight: float = 2.0
+    # "hidden" (default) | "reference": the axis of the alignment cosine, see alignment_per_sample.
+    align_cosine: str = "hidden"
 
     def obs_weight_for(self, stage: str) -> float:
         return DEFAULT_OBS_WEIGHT[stage] if self.obs_weight is None else self.obs_weight
@@ -38,6 +45,12 @@ class LossConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        _check_cosine(self.align_cosine)
+
+
+def _check_cosine(cosine: str) -> None:
+    if cosine not in ALIGN_COSINES:
+        raise ValueError(f"align_cosine must be one of {list(ALIGN_COSINES)}, got {cosine!r}")
 
 
 def weighted_ce_sum(
@@ -53,8 +66,27 @@ def weighted_ce_sum(
     return (ce * weights).sum(), weights.sum()
 
 
-def alignment_per_sample(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """mean over [layers, positions] of 1 − cos(teacher, student) along the hidden dim (fp32)."""
+def alignment_per_sample(
+    teacher: torch.Tensor, student: torch.Tensor, cosine: str = "hidden"
+) -> torch.Tensor:
+    """One sample's alignment loss, mean of 1 − cos over [layers, positions, hidden] states (fp32).
+
+    cosine="hidden" (default): cos(teacher[l, p], student[l, p]) between hidden vectors, then the
+      mean over layers × positions — the evident intent of the reference.
+    cosine="reference": exactly what the reference computes,
+      `(1 - F.cosine_similarity(teacher, student)).mean()` without `dim`, i.e. torch's default
+      dim=1, the POSITION axis of these 3-D tensors: cos(teacher[l, :, d], student[l, :, d]) per
+      (layer, hidden unit) over the positions, then the mean over layers × hidden units. The
+      released checkpoints were trained with it. With a single position each cosine is
+      sign(t·s), so its gradient is zero.
+    An empty sample (no positions) gives 0 (the trainers skip it when averaging over samples;
+    the reference drops such samples when it reads the data).
+    """
+    _check_cosine(cosine)
+    if teacher.dim() != 3:
+        raise ValueError(
+            f"alignment states must be [layers, positions, hidden], got {tuple(teacher.shape)}"
+        )
     if teacher.shape != student.shape:
         raise ValueError(
             f"teacher states {tuple(teacher.shape)} do not match student states "
@@ -62,7 +94,8 @@ def alignment_per_sample(teacher: torch.Tensor, student: torch.Tensor) -> torch.
         )
     if teacher.numel() == 0:
         return student.sum() * 0
-    cos = F.cosine_similarity(teacher.float(), student.float(), dim=-1)
+    # fp32 (the reference runs the cosine in bf16; its sums over thousands of terms round).
+    cos = F.cosine_similarity(teacher.float(), student.float(), dim=-1 if cosine == "hidden" else 1)
     return (1.0 - cos).mean()
 
 
@@ -145,7 +178,7 @@ def stage_loss(
             )
         if tgt.shape[1] == 0:
             continue
-        align_sum = align_sum + alignment_per_sample(tgt, stu)
+        align_sum = align_sum + alignment_per_sample(tgt, stu, cfg.align_cosine)
         align_count += 1
     align_loss = align_sum / max(align_count, 1)
     if stage == "stage2" and cfg.latent_proxy_weight > 0:

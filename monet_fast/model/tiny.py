@@ -5,11 +5,14 @@ trained with the `tokenizers` library on a generated corpus (chat words plus the
 vocabulary), with Qwen2.5's pre-tokenizer, special tokens and eos/pad choices, then Monet's five
 tokens; the model is the stock `Qwen2_5_VLForConditionalGeneration` with small dimensions but the
 7B's structure (mRoPE with the 1:3:3 section split, windowed vision tower with a merger,
-untied LM head, spare embedding rows beyond the tokenizer's length).
+untied LM head, spare embedding rows beyond the tokenizer's length). `real_geometry_config` /
+`tiny_model(geometry="qwen2_5_vl_7b")` give the 7B's attention geometry (hidden 3584, heads of
+128 and 80) at two layers with narrow MLPs, for real-shape tests and benchmarks.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -291,24 +294,102 @@ def tiny_config(vocab_size: int | None = None, tokenizer: Any = None, **override
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **top)
 
 
+# The shapes of released checkpoints that decide attention, RoPE and vision-tower tensor layouts
+# (values from their config.json). Depth and MLP widths are left to `real_geometry_config`'s
+# caller, so that CPU tests can run a model with the real head geometry at two layers.
+GEOMETRIES: dict[str, dict[str, Any]] = {
+    "qwen2_5_vl_7b": {
+        "text_config": {
+            "hidden_size": 3584,
+            "num_attention_heads": 28,  # head_dim 128
+            "num_key_value_heads": 4,  # GQA group 7
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": [16, 24, 24],
+            },
+        },
+        "vision_config": {
+            "hidden_size": 1280,
+            "num_heads": 16,  # head_dim 80 (not a power of two)
+            "out_hidden_size": 3584,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,  # windows of 4 x 4 merged patches
+            "tokens_per_second": 2,
+        },
+        # The 7B (depth 32) runs full attention in the last block of every 8: [7, 15, 23, 31].
+        "full_attention_every": 8,
+    },
+}
+
+
+def real_geometry_config(
+    geometry: str = "qwen2_5_vl_7b",
+    *,
+    layers: int = 2,
+    intermediate_size: int = 256,
+    vision_depth: int = 2,
+    vision_intermediate_size: int = 256,
+    tokenizer: Any = None,
+    **overrides: Any,
+) -> Any:
+    """A `Qwen2_5_VLConfig` with a released model's attention geometry (`GEOMETRIES`) but
+    `layers` text layers, `vision_depth` vision blocks and narrow MLPs, over `tiny_tokenizer()`.
+
+    The vision tower keeps the real block pattern: windowed blocks, with full attention in the
+    last block of every group of 8 and in the last block (depth 2 -> [1]). `overrides` are as
+    for `tiny_config` (text_config= / vision_config= dicts are merged over the geometry).
+    """
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {sorted(GEOMETRIES)}, got {geometry!r}")
+    for name, value in (("layers", layers), ("vision_depth", vision_depth)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    geo = copy.deepcopy(GEOMETRIES[geometry])  # configs may normalise nested dicts in place
+    every = geo["full_attention_every"]
+    full = sorted({i for i in range(vision_depth) if i % every == every - 1} | {vision_depth - 1})
+    text = {
+        **geo["text_config"],
+        "num_hidden_layers": layers,
+        "intermediate_size": intermediate_size,
+        **overrides.pop("text_config", {}),
+    }
+    vision = {
+        **geo["vision_config"],
+        "depth": vision_depth,
+        "intermediate_size": vision_intermediate_size,
+        "fullatt_block_indexes": full,
+        **overrides.pop("vision_config", {}),
+    }
+    return tiny_config(tokenizer=tokenizer, text_config=text, vision_config=vision, **overrides)
+
+
 def tiny_model(
     seed: int = 0,
     *,
     latent_size: int = 8,
     latent_layout: str = "sft",
+    geometry: str | None = None,
     **config_overrides: Any,
 ) -> tuple[Any, MonetProcessor]:
     """(model, processor): a seeded fp32 tiny `Qwen2_5_VLForConditionalGeneration` in eval mode.
 
     The same seed gives identical weights; the global torch RNG is left untouched. Monet's tokens
     are in the tokenizer (inside the spare embedding rows, no resize) and the latent config
-    (`latent_size`, `latent_layout`, token ids) is on `model.config`.
+    (`latent_size`, `latent_layout`, token ids) is on `model.config`. `geometry` (a key of
+    `GEOMETRIES`, e.g. "qwen2_5_vl_7b") builds the config with `real_geometry_config` instead of
+    `tiny_config`; `config_overrides` go to whichever builds it.
     """
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     processor = tiny_processor()
-    config = tiny_config(tokenizer=processor.tokenizer, **config_overrides)
+    if geometry is None:
+        config = tiny_config(tokenizer=processor.tokenizer, **config_overrides)
+    else:
+        config = real_geometry_config(geometry, tokenizer=processor.tokenizer, **config_overrides)
     apply_latent_config(
         config,
         LatentConfig.from_tokenizer(

@@ -234,7 +234,9 @@ def export_hf(
     from monet_fast.model.loading import save_pretrained
 
     if zero_stage == 3:
-        import deepspeed
+        from monet_fast._optional import require
+
+        deepspeed = require("deepspeed", "saving a ZeRO-3 model")
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             if rank == 0:

@@ -88,6 +88,9 @@ class LossSection:
     obs_weight: float | None = None  # observation CE weight (reference: 2.0 stage 1, 4.0 after)
     align_weight: float = 2.0
     latent_proxy_weight: float = 2.0  # stage 2: alignment reaches params only via latents
+    # Axis of the alignment cosine: hidden (default, cos between hidden vectors) | reference
+    # (the reference's cosine over the position axis, what the released checkpoints used).
+    align_cosine: str = "hidden"
     # True: <observation>/</observation> carry CE, so the model learns to open an observation
     # after a latent block at inference. The reference ignores them (False).
     observation_tags: bool = False
@@ -450,6 +453,9 @@ def _validate(cfg: TrainConfig) -> None:
     lo = cfg.loss
     for name in ("obs_weight", "align_weight", "latent_proxy_weight"):
         _positive(f"loss.{name}", getattr(lo, name), allow_zero=True)
+    from monet_fast.model.losses import ALIGN_COSINES
+
+    _one_of("loss.align_cosine", lo.align_cosine, ALIGN_COSINES)
 
     o = cfg.optim
     _one_of("optim.name", o.name, OPTIMIZERS)

@@ -104,6 +104,7 @@ class StepTerms:
     dual_clipped: torch.Tensor  # bool
     kl: torch.Tensor  # detached, zeros without a reference model
     kind: str = "token"  # token | latent
+    old_logp: torch.Tensor | None = None  # detached pre-update log-probs (per-update metrics)
 
 
 def token_terms(
@@ -124,7 +125,9 @@ def token_terms(
         clip.clip_high,
         clip.clip_ratio_dual,
     )
-    return _with_kl(out.loss, logp, out.ratio, out.clipped, out.dual_clipped, ref_logp, kl_coef)
+    terms = _with_kl(out.loss, logp, out.ratio, out.clipped, out.dual_clipped, ref_logp, kl_coef)
+    terms.old_logp = old_logp.detach()
+    return terms
 
 
 def latent_terms(
@@ -159,6 +162,7 @@ def latent_terms(
         out.loss, out.logp, out.ratio, out.clipped, out.dual_clipped, ref_logp, kl_coef
     )
     terms.kind = "latent"
+    terms.old_logp = old_logp.detach()
     return terms
 
 

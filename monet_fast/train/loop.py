@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from monet_fast._compat import enable_activation_checkpointing
 from monet_fast.model.losses import LossConfig
 from monet_fast.train import checkpoint as ckpt
 from monet_fast.train.config import ConfigError, OptimSection, SchedulerSection, TrainConfig
@@ -87,7 +88,9 @@ def setup_distributed() -> DistInfo:
     launcher. On CPU the backend is gloo and DeepSpeed's shared-memory allreduce op is not built
     (its first-use JIT build costs 50-80 s; set MONET_FAST_DS_SHM=1 to allow it).
     """
-    import deepspeed
+    from monet_fast._optional import require
+
+    deepspeed = require("deepspeed", "training")
 
     if "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -373,6 +376,7 @@ class SFTRecipe:
             obs_weight=cfg.loss.obs_weight,
             align_weight=cfg.loss.align_weight,
             latent_proxy_weight=cfg.loss.latent_proxy_weight,
+            align_cosine=cfg.loss.align_cosine,
         )
         self.obs_weight = self.loss_config.obs_weight_for(cfg.student_stage)
         self.engine = None
@@ -460,13 +464,8 @@ class SFTRecipe:
             # Reference: `model.visual` (ViT + merger) frozen in every SFT stage.
             self.model.model.visual.requires_grad_(False)
         if cfg.model.gradient_checkpointing:
-            # Non-reentrant, as the reference. transformers >= 5.2x renamed the method
-            # (the old name warns); the GPU image's 5.17 only has the old one.
-            kwargs = {"use_reentrant": False}
-            if hasattr(self.model, "activation_checkpointing_enable"):
-                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            # Non-reentrant, as the reference (the method's name depends on transformers).
+            enable_activation_checkpointing(self.model, use_reentrant=False)
         self.model.train()
         self.setup_teacher()
 
@@ -525,7 +524,9 @@ class SFTRecipe:
 
     def init_engine(self, module: nn.Module, optimizer, scheduler) -> None:
         """deepspeed.initialize with `self.ds_config` (kept in the run directory by rank 0)."""
-        import deepspeed
+        from monet_fast._optional import require
+
+        deepspeed = require("deepspeed", "training")
 
         if self.rank == 0:
             (self.output / "deepspeed_config.json").write_text(
@@ -797,6 +798,10 @@ def module_main(
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"monet-fast {command}: error: {err}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:  # deepspeed not installed: one line, not a traceback
+        from monet_fast._optional import exit_missing_dependency
+
+        return exit_missing_dependency(err, f"monet-fast {command}")
 
 
 def _quiet_deepspeed() -> None:

@@ -54,21 +54,16 @@ class MetricsLogger:
 
             self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step")
         if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:
-                raise ImportError(
-                    "logging.tensorboard: true needs the tensorboard package (pip install "
-                    "tensorboard)"
-                ) from err
+            from monet_fast._optional import require
+
+            require("tensorboard", "logging.tensorboard: true")
+            from torch.utils.tensorboard import SummaryWriter
+
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         if cfg.wandb_project:
-            try:
-                import wandb
-            except ImportError as err:
-                raise ImportError(
-                    "logging.wandb_project needs the wandb package (pip install wandb)"
-                ) from err
+            from monet_fast._optional import require
+
+            wandb = require("wandb", "logging.wandb_project")
             self._wandb = wandb.init(
                 project=cfg.wandb_project, name=cfg.wandb_name, config=run_config, resume="allow"
             )

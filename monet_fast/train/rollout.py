@@ -21,6 +21,9 @@ forward with the rollout's latents inserted in the K slots. Its steps:
 A response cut by max_new_tokens inside a latent block keeps its sampled S as a token step; the
 incomplete block's slots are not scored (nothing follows them, so no later step depends on them).
 
+Replay (monet_vllm layout, `latent_layout="monet_vllm"`): START's own row is the first latent row,
+blocks hold 1..K latents (early END, EOS, or cut by max_new_tokens); see `replay_vllm`.
+
 `<|image_pad|>` / `<|video_pad|>` are never sampled (`ban_ids` in rollouts and, for consistency,
 in the log-prob): the replay would read a sampled image-pad id as an image placeholder.
 """
@@ -42,6 +45,8 @@ from monet_fast.data.types import Sample
 from monet_fast.model import sequence as seq
 from monet_fast.model.latent import latent_forward
 from monet_fast.model.tokens import IMAGE_PAD, VIDEO_PAD, TokenIds
+from monet_fast.train import replay_vllm
+from monet_fast.train.replay_vllm import VllmBlock
 from monet_fast.train.rewards import RewardResult, RolloutInfo
 
 PAIRINGS: tuple[str, ...] = ("correct", "reference")
@@ -167,6 +172,9 @@ class Rollout:
     finish_reason: str
     reward: RewardResult | None = None
     advantage: float = 0.0
+    latent_layout: str = "sft"  # the decoding layout that produced it (sft | monet_vllm)
+    # monet_vllm: every latent block (complete or not), latents in `latents` in the same order.
+    vllm_blocks: list[VllmBlock] = field(default_factory=list)
 
     @property
     def info(self) -> RolloutInfo:
@@ -238,8 +246,11 @@ def generate_rollouts(
     ban: BanTokens | None = None,
     use_cuda_graphs: bool = True,
     max_latent_blocks: int | None = None,
+    latent_layout: str = "sft",
 ) -> list[Rollout]:
     """`group_size` sampled responses per sample (grouped, in sample order).
+
+    latent_layout: "sft" (the SFT layout) or "monet_vllm" (the released Monet-7B's vLLM runner).
 
     The sequences go to `generate` in chunks of `batch_size`; chunk c samples with seed
     `seed + c`, so a rollout depends only on (weights, samples, seed, batch_size).
@@ -262,7 +273,7 @@ def generate_rollouts(
                 [prompt_input(s) for _, s in chunk],
                 max_new_tokens=max_new_tokens,
                 latent_size=latent_size,
-                latent_layout="sft",
+                latent_layout=latent_layout,
                 do_sample=True,
                 temperature=temperature,
                 top_p=top_p,
@@ -274,6 +285,11 @@ def generate_rollouts(
             )
             for i, (g, sample) in enumerate(chunk):
                 ids = out.sequences[i].tolist()
+                if latent_layout == "monet_vllm":
+                    rollouts.append(
+                        _vllm_rollout(out, i, ids, sample, group_offset + g, tid, latent_size)
+                    )
+                    continue
                 blocks = _blocks_of(ids, tid)
                 if blocks and blocks[-1][1] == 0 and not blocks[-1][2]:
                     # Cut right after S: no latent was fed yet, so the trace has no entry.
@@ -320,11 +336,30 @@ def generate_rollouts(
     return rollouts
 
 
+def _vllm_rollout(out, i: int, ids: list[int], sample, group: int, tid, latent_size: int):
+    blocks, latents = replay_vllm.rollout_latents(out, i, ids, tid, latent_size)
+    return Rollout(
+        sample=sample,
+        group=group,
+        prompt=seq.render_prompt(sample),
+        response_ids=out.sequences[i],
+        text=out.texts[i],
+        latents=latents,
+        n_blocks=sum(b.end in ("forced_end", "sampled_end") for b in blocks),
+        truncated_block=bool(blocks) and blocks[-1].end == "cut",
+        finish_reason=out.finish_reasons[i],
+        latent_layout="monet_vllm",
+        vllm_blocks=blocks,
+    )
+
+
 def step_counts(rollout: Rollout, token_ids: TokenIds) -> tuple[int, int]:
     """(token steps, latent steps) of a rollout, as `build_replay_batch` will lay them out.
 
     Lets a trainer normalise by the steps of a whole optimizer step before building any batch.
     """
+    if rollout.latent_layout == "monet_vllm":
+        return replay_vllm.step_counts(rollout.vllm_blocks, int(rollout.response_ids.numel()))
     ids = rollout.response_ids.tolist()
     n_lat = int(rollout.latents.shape[0])
     tail = 0
@@ -390,6 +425,10 @@ def build_replay_batch(
         raise ValueError(f"latent_pairing must be one of {list(PAIRINGS)}, got {pairing!r}")
     if not rollouts:
         raise ValueError("build_replay_batch needs at least one rollout")
+    layouts_used = sorted({r.latent_layout for r in rollouts})
+    if len(layouts_used) != 1:
+        raise ValueError(f"a replay batch needs one latent layout, got rollouts in {layouts_used}")
+    latent_layout = layouts_used[0]
     tokenizer = processor.tokenizer
     tid = TokenIds.from_tokenizer(tokenizer)
     pattern = assistant_pattern(tokenizer)
@@ -431,39 +470,44 @@ def build_replay_batch(
         ids = input_ids[b].tolist()
         lay = seq.layout_from_ids(ids, tid, pattern, attention_mask[b].tolist())
         p0 = len(p)
-        # Only closed blocks are latent steps; an unclosed last block is ordinary tokens.
-        lay.latent_blocks = [blk for blk in lay.latent_blocks if blk.end is not None]
-        for blk in lay.latent_blocks:
-            if blk.start < p0:
-                raise ValueError("a latent block in the prompt: VLPO prompts must not hold one")
-            if blk.slots[1] - blk.slots[0] != latent_size:
-                raise ValueError(
-                    f"a latent block has {blk.slots[1] - blk.slots[0]} slots, expected "
-                    f"latent_size={latent_size}"
-                )
-        layouts.append(lay)
-        slots = lay.slot_positions
-        if len(slots) != r.latents.shape[0]:
-            raise ValueError(
-                f"rollout has {r.latents.shape[0]} latents for {len(slots)} latent slots"
-            )
-        latents.append(r.latents)
-        not_token = set(slots) | {blk.end for blk in lay.latent_blocks}
-        if r.truncated_block:
-            # The incomplete block's slots (PAD ids after its S) are not token steps either.
-            start = max(i for i, t in enumerate(ids[: p0 + len(resp)]) if t == tid.latent_start)
-            not_token |= set(range(start + 1, p0 + len(resp)))
-        for t in range(p0, p0 + len(resp)):
-            if t not in not_token:
-                tok["row"].append(b)
-                tok["col"].append(t - 1)
-                tok["target"].append(ids[t])
-                tok["seq"].append(b)
         shift = 1 if pairing == "correct" else 0
-        for pos in slots:
-            lat["row"].append(b)
-            lat["col"].append(pos - shift)
-            lat["seq"].append(b)
+        if any(blk.start < p0 for blk in lay.latent_blocks):
+            raise ValueError("a latent block in the prompt: VLPO prompts must not hold one")
+        if latent_layout == "monet_vllm":
+            lay.latent_blocks, tok_pos, mean_cols = replay_vllm.replay_row(
+                r.vllm_blocks, p0, len(resp), shift
+            )
+        else:
+            # Only closed blocks are latent steps; an unclosed last block is ordinary tokens.
+            lay.latent_blocks = [blk for blk in lay.latent_blocks if blk.end is not None]
+            for blk in lay.latent_blocks:
+                if blk.slots[1] - blk.slots[0] != latent_size:
+                    raise ValueError(
+                        f"a latent block has {blk.slots[1] - blk.slots[0]} slots, expected "
+                        f"latent_size={latent_size}"
+                    )
+            slots = lay.slot_positions
+            not_token = set(slots) | {blk.end for blk in lay.latent_blocks}
+            if r.truncated_block:
+                # The incomplete block's slots (PAD ids after its S) are not token steps either.
+                start = max(i for i, t in enumerate(ids[: p0 + len(resp)]) if t == tid.latent_start)
+                not_token |= set(range(start + 1, p0 + len(resp)))
+            tok_pos = [t for t in range(p0, p0 + len(resp)) if t not in not_token]
+            mean_cols = [pos - shift for pos in slots]
+        if len(mean_cols) != r.latents.shape[0]:
+            raise ValueError(
+                f"rollout has {r.latents.shape[0]} latents for {len(mean_cols)} latent slots"
+            )
+        layouts.append(lay)
+        latents.append(r.latents)
+        for t in tok_pos:
+            tok["row"].append(b)
+            tok["col"].append(t - 1)
+            tok["target"].append(ids[t])
+            tok["seq"].append(b)
+        lat["row"] += [b] * len(mean_cols)
+        lat["col"] += mean_cols
+        lat["seq"] += [b] * len(mean_cols)
         lat["z"].append(r.latents)
 
     batch = {
@@ -481,6 +525,7 @@ def build_replay_batch(
         "layouts": layouts,
         "stage": "infer",
         "latent_size": latent_size,
+        "latent_layout": latent_layout,
         "keys": [r.sample.key for r in rollouts],
     }
     for b, lay in enumerate(layouts):

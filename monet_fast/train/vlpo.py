@@ -12,12 +12,15 @@ One RL step (every rank, `VLPORecipe.train`):
     rollouts  = generate(policy, G samples per prompt, T, top-p, K latents per block)   decode/
     rewards   = 0.9 correct + 0.1 format (rules; optional judge)                        rewards.py
     A         = group-normalised rewards (GRPO)                                          grpo.py
-    keep      = groups whose accuracy lies in (acc_low, acc_high]; none left -> skip the step
+    keep      = groups whose accuracy lies in (acc_low, acc_high], pooled over up to
+                filter.max_extra_rollouts more rollout calls (the epoch's next prompts) until
+                prompts_per_step groups are kept; none kept -> skip the step     filtering.py
     ref/old   = per-step log-probs of the frozen reference (KL) [and of the policy when one
                 rollout batch feeds several optimizer steps]                             rollout.py
     for each mini-batch of kept groups (one optimizer step each):
         loss = Σ steps [clipped surrogate + kl_coef low_var_kl] / N_steps(mini-batch, all ranks)
         engine.backward per micro-batch; engine.step once (caller-owned accumulation boundary)
+        log an "update" line: update_in_rollout, latent_loss, latent_ratio_mean, ...  vlpo_metrics.py
 
 Step counter: `global_step` counts RL steps (rollout batches), skipped or not; a step consumes
 its prompts either way, so data order and rollout seeds are functions of the step index and a
@@ -29,17 +32,21 @@ Deviations from the reference (REFERENCE.md §5), on purpose:
     and its mean is paired with the position that produced the latent (`vlpo.latent_pairing:
     reference` reproduces the reference's same-position pairing);
   * latents stay in the model dtype they were fed back in and the log-prob is fp32 (fused kernel);
-  * online filtering is per RL step (the reference pools 256 prompts until 64 survive and
-    crashes when too few do); a step without a usable group is skipped and logged;
+  * the filter's pool is per RL step and bounded (filter.max_extra_rollouts); short of the quota
+    the step trains on what it kept (the reference pools 256 prompts and skips the chunk unless
+    64 survive); a step without a usable group is skipped; both are logged;
   * loss = token-level mean over the whole mini-batch (see grpo.py); the judge is optional.
-Only the `sft` latent layout is trained (our SFT stages); K comes from model.latent_size.
+Latent layout: `rollout.latent_layout` sft (our SFT stages) or monet_vllm (the released
+Monet-7B's vLLM runner: START's own row is a latent, blocks of 1..K rows; `replay_vllm`); K comes
+from model.latent_size.
 
 On the latent term: rollout latents are the Gaussian mean itself (deterministic, as in the
 reference), so at the rollout policy d log N(z; mu, sigma^2) / d mu = (z - mu) / sigma^2 = 0 with
 the correct pairing: the first optimizer step on a rollout batch gets no gradient from latent
-steps, and later mini-batches of the same batch (trainer.mini_batch_prompts < prompts_per_step)
-see a clipped, advantage-weighted pull of mu towards the rollout latent (A > 0) or away from it
-(A < 0), plus the KL to the reference. With `latent_pairing: reference` the term is non-zero from
+steps, and later mini-batches of the same batch (trainer.mini_batch_prompts < prompts_per_step;
+every shipped config makes several) see a clipped, advantage-weighted pull of mu towards the
+rollout latent (A > 0) or away from it (A < 0), plus the KL to the reference. The "update" lines
+of metrics.jsonl show it (latent_ratio_mean != 1, latent_kl > 0 from update_in_rollout 1 on). With `latent_pairing: reference` the term is non-zero from
 the start, but it then compares the state at p with the input at p, which no policy produced.
 """
 
@@ -80,6 +87,7 @@ from monet_fast.train.config import (
     apply_overrides,
 )
 from monet_fast.train.data import dataset_fingerprint, epoch_order
+from monet_fast.train.filtering import QUOTA_MET, pool_groups
 from monet_fast.train.loop import (
     SFTRecipe,
     _all_reduce_sum,
@@ -103,6 +111,13 @@ from monet_fast.train.rollout import (
     prepare_prompt,
     step_counts,
     step_logprobs,
+)
+from monet_fast.train.vlpo_metrics import (
+    UPDATE_EVENT,
+    latent_sums,
+    rollout_stats,
+    term_stats,
+    update_records,
 )
 
 logger = logging.getLogger("monet_fast.train")
@@ -144,6 +159,8 @@ class RolloutSection:
     max_latent_blocks: int | None = None  # cap on latent blocks per response (None = no cap)
     prompt_suffix: str | None = None  # appended to the question text (reference: format prompt)
     cuda_graphs: bool = True  # decode with CUDA graphs (off automatically under ZeRO-3)
+    # sft (our SFT layout) | monet_vllm (released Monet-7B: START's row overwritten, K = 10)
+    latent_layout: str = "sft"
 
 
 @dataclass
@@ -163,12 +180,15 @@ class ObjectiveSection:
 
 @dataclass
 class FilterSection:
-    """Online difficulty filter: keep prompt groups with acc_low < accuracy <= acc_high."""
+    """Online difficulty filter: keep prompt groups with acc_low < accuracy <= acc_high, pooled
+    over up to 1 + max_extra_rollouts rollout calls until the step's prompt quota is met
+    (`filtering.py`)."""
 
     enabled: bool = True
     acc_low: float = 0.0
     acc_high: float = 0.6
     min_groups: int = 1  # fewer kept groups (all ranks) -> the step is skipped
+    max_extra_rollouts: int = 3  # extra rollout calls per step (reference: 256 / 64 -> 3)
 
 
 @dataclass
@@ -310,6 +330,9 @@ def _validate_rl(cfg: RLConfig) -> None:
     if not 0 < r.top_p <= 1:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p!r}")
     _positive("rollout.max_latent_blocks", r.max_latent_blocks, allow_zero=True)
+    from monet_fast.model.config import LATENT_LAYOUTS
+
+    _one_of("rollout.latent_layout", r.latent_layout, LATENT_LAYOUTS)
 
     o = cfg.vlpo
     _positive("vlpo.sigma", o.sigma)
@@ -330,6 +353,7 @@ def _validate_rl(cfg: RLConfig) -> None:
             f"{f.acc_high}]"
         )
     _positive("filter.min_groups", f.min_groups)
+    _positive("filter.max_extra_rollouts", f.max_extra_rollouts, allow_zero=True)
 
     rw = cfg.reward
     _one_of("reward.format_rule", rw.format_rule, FORMAT_RULES)
@@ -688,6 +712,17 @@ class VLPORecipe(SFTRecipe):
             self.model.model.visual.requires_grad_(False)
         self.model.train()
         self.latent_size = cfg.model.latent_size
+        self.latent_layout = cfg.rollout.latent_layout
+        if self.latent_layout != "sft":
+            # The exported model decodes in the layout it was trained on (saved config field).
+            from monet_fast.model.config import LatentConfig, apply_latent_config
+
+            apply_latent_config(
+                self.model,
+                LatentConfig.from_tokenizer(
+                    self.processor.tokenizer, self.latent_size, self.latent_layout
+                ),
+            )
         self.ban = BanTokens(default_ban_ids(self.processor.tokenizer))
         self.token_ids = TokenIds.from_tokenizer(self.processor.tokenizer)
         self.reward_fn = MonetReward(
@@ -767,7 +802,9 @@ class VLPORecipe(SFTRecipe):
         elif mode == "offload":
             self.ref_model = ref.to("cpu")
         else:
-            import deepspeed
+            from monet_fast._optional import require
+
+            deepspeed = require("deepspeed", "VLPO training")
 
             zero = {"stage": 3}
             if self.cfg.ref.offload_param:
@@ -810,7 +847,9 @@ class VLPORecipe(SFTRecipe):
         if self.zero_stage != 3:
             yield
             return
-        import deepspeed
+        from monet_fast._optional import require
+
+        deepspeed = require("deepspeed", "VLPO training")
 
         offload = getattr(self.engine.optimizer, "parameter_offload", self.engine.optimizer)
         with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
@@ -838,9 +877,10 @@ class VLPORecipe(SFTRecipe):
             for i in mine
         ]
 
-    def rollout_seed(self, step: int) -> int:
-        """Sampling seed of an RL step on this rank (resume reproduces it)."""
-        return (self.cfg.seed * 1_000_003 + step * 7919 + self.rank * 104_729) % 2**62
+    def rollout_seed(self, step: int, call: int = 0) -> int:
+        """Sampling seed of an RL step's rollout call on this rank (resume reproduces it)."""
+        base = self.cfg.seed * 1_000_003 + step * 7919 + self.rank * 104_729
+        return (base + call * 15_485_863) % 2**62
 
     def _check_decoder_weights(self) -> None:
         """Captured CUDA graphs read the weights at fixed addresses. DeepSpeed updates them in
@@ -855,7 +895,9 @@ class VLPORecipe(SFTRecipe):
             decode_engine._DECODERS.pop(self.model, None)
         self._param_ptrs = ptrs
 
-    def rollouts(self, prompts: list, step: int) -> list[Rollout]:
+    def rollouts(self, prompts: list, step: int, call: int = 0) -> list[Rollout]:
+        """Rollout call `call` of an RL step (extra calls come from the filter's pool): group
+        ids continue across calls, seeds differ."""
         r = self.cfg.rollout
         if self.zero_stage != 3:
             self._check_decoder_weights()
@@ -869,11 +911,13 @@ class VLPORecipe(SFTRecipe):
                 latent_size=self.latent_size,
                 temperature=r.temperature,
                 top_p=r.top_p,
-                seed=self.rollout_seed(step),
+                seed=self.rollout_seed(step, call),
                 batch_size=r.batch_size,
+                group_offset=call * self.local_prompts,
                 ban=self.ban,
                 use_cuda_graphs=r.cuda_graphs and self.zero_stage != 3,
                 max_latent_blocks=r.max_latent_blocks,
+                latent_layout=self.latent_layout,
             )
         for ro in out:
             ro.reward = self.reward_fn(ro.text, ro.sample, ro.info)
@@ -908,62 +952,32 @@ class VLPORecipe(SFTRecipe):
         return t.tolist()
 
     def _train_step(self, step: int, prompts: list) -> dict[str, Any]:
+        """One RL step: rollouts pooled until the prompt quota is met (extra calls take the
+        epoch's next prompt batches), then one optimizer step per mini-batch of kept groups."""
         cfg, o = self.cfg, self.cfg.vlpo
         t0 = time.perf_counter()
-        rollouts = self.rollouts(prompts, step)
-        t_roll = time.perf_counter() - t0
+        at = self.progress  # the step's data position; extra calls read the next batches
 
-        # Rewards -> advantages (per group, on this rank) -> difficulty filter.
-        rewards = torch.tensor([r.reward.reward for r in rollouts], dtype=torch.float32)
-        ids = torch.tensor([r.group for r in rollouts])
-        adv = grpo.group_advantages(rewards, ids, o.adv_eps)
-        for r, a in zip(rollouts, adv.tolist()):
-            r.advantage = a
-        acc = grpo.group_accuracy(torch.tensor([r.reward.correct for r in rollouts]), ids)
-        groups: dict[int, list[Rollout]] = {}
-        for r in rollouts:
-            groups.setdefault(r.group, []).append(r)
+        def roll(call: int) -> list[Rollout] | None:
+            if call == 0:
+                return self.rollouts(prompts, step)
+            if at.step_in_epoch + call >= self.steps_per_epoch:
+                return None
+            more = self.step_prompts(at.step_in_epoch + call, at.epoch)
+            return self.rollouts(more, step, call)
+
+        # Rewards -> advantages (per group, on this rank) -> difficulty filter, pooled.
         f = cfg.filter
-        kept = [
-            g
-            for gid, g in groups.items()
-            if not f.enabled or grpo.keep_group(acc[gid], f.acc_low, f.acc_high)
-        ]
-        n_tok = [int(r.response_ids.numel()) for r in rollouts]
-        sums = _all_reduce_sum(
-            [
-                len(rollouts),
-                float(rewards.sum()),
-                float((rewards**2).sum()),
-                sum(r.reward.correct for r in rollouts),
-                sum(r.reward.format_ok for r in rollouts),
-                float(sum(n_tok)),
-                sum(r.n_blocks for r in rollouts),
-                sum(r.finish_reason == "length" for r in rollouts),
-                len(groups),
-                len(kept),
-                float(adv.abs().sum()),
-            ],
-            self.device,
-        )
-        n, r_sum, r_sq, n_ok, n_fmt, tok_sum, blk_sum, n_len, n_groups, n_kept, adv_abs = sums
-        reward_mean = r_sum / n
+        reduce = lambda v: _all_reduce_sum(v, self.device)  # noqa: E731
+        pool = pool_groups(roll, quota=self.local_prompts, f=f, adv_eps=o.adv_eps, reduce=reduce)
+        kept = pool.kept
         stats: dict[str, Any] = {
-            "reward_mean": reward_mean,
-            "reward_std": math.sqrt(max(r_sq / n - reward_mean**2, 0.0) * n / max(n - 1, 1)),
-            "accuracy": n_ok / n,
-            "format_rate": n_fmt / n,
-            "response_tokens": tok_sum / n,
-            "latent_blocks": blk_sum / n,
-            "truncated_rate": n_len / n,
-            "adv_abs_mean": adv_abs / n,
-            "groups": int(n_groups),
-            "groups_kept": int(n_kept),
-            "group_keep_rate": n_kept / max(n_groups, 1),
-            "rollout_s": t_roll,
-            "tokens": int(tok_sum),
-            "prompts": int(n_groups),
+            **rollout_stats(pool, reduce),
+            "rollout_s": time.perf_counter() - t0,
         }
+        n_kept = stats["groups_kept"]
+        if pool.reason != QUOTA_MET:
+            logger.info("RL step %d: filter pool %s", step + 1, pool.reason)
         if n_kept < f.min_groups:
             why = "no usable group" if n_kept == 0 else f"{int(n_kept)} < filter.min_groups"
             stats.update(skipped=1, skip_reason=why, step_s=time.perf_counter() - t0)
@@ -1006,9 +1020,13 @@ class VLPORecipe(SFTRecipe):
         t2 = time.perf_counter()
         lr = float(self.engine.get_lr()[0])
         all_terms: list[grpo.StepTerms] = []
-        loss_sum = 0.0
         grad_norms = []
+        # Per update: N_steps (all ranks); this rank's objective and latent sums (metrics).
+        upd_steps: list[float] = []
+        upd_local: list[list[float]] = []
         for u, mini in enumerate(minis):
+            upd_terms: list[grpo.StepTerms] = []
+            upd_loss = 0.0
             local = 0
             for mb in mini:
                 for r in mb:
@@ -1020,7 +1038,7 @@ class VLPORecipe(SFTRecipe):
                 if i < len(mini):
                     rb = replay(mini[i])
                     out = self.engine(rb, old_scores[u][i], ref_scores[u][i], scale=scale)
-                    all_terms += out["terms"]
+                    upd_terms += out["terms"]
                     objective = out["objective"]
                 else:
                     # Matching collectives: a zero loss that touches every trainable parameter.
@@ -1028,41 +1046,23 @@ class VLPORecipe(SFTRecipe):
                         p.sum() * 0.0 for p in self.module.parameters() if p.requires_grad
                     )
                 self.engine.backward(objective, scale_wrt_gas=False)
-                loss_sum += float(objective.detach()) / self.world
+                upd_loss += float(objective.detach()) / self.world
             self.engine.step()
             gn = self.engine.get_global_grad_norm()
             if gn is not None:
                 grad_norms.append(float(gn))
-        (loss_sum,) = _all_reduce_sum([loss_sum], self.device)
+            all_terms += upd_terms
+            upd_steps.append(n_steps)
+            upd_local.append([upd_loss, *latent_sums(upd_terms)])
+        updates = update_records(upd_local, upd_steps, reduce)
         t_update = time.perf_counter() - t2
 
-        # Per-kind sums over ranks -> means.
-        parts: dict[str, list[grpo.StepTerms]] = {"token": [], "latent": []}
-        for t in all_terms:
-            parts[t.kind].append(t)
-        sums = {k: grpo.summarize(v) for k, v in parts.items()}
-        fields = ("n", "logp", "kl", "clipped", "dual", "ratio")
-        red = _all_reduce_sum(
-            [sums[k][f] for k in ("token", "latent") for f in fields], self.device
-        )
-        tn, tlogp, tkl, tclip, tdual, tratio, ln, llogp, lkl, lclip, ldual, lratio = red
-        steps_total = tn + ln
         stats.update(
             skipped=0,
-            loss=loss_sum / len(minis),
-            kl=(tkl + lkl) / max(steps_total, 1.0),
-            clip_frac=(tclip + lclip) / max(steps_total, 1.0),
-            dual_clip_frac=(tdual + ldual) / max(steps_total, 1.0),
-            token_clip_frac=tclip / max(tn, 1.0),
-            latent_clip_frac=lclip / max(ln, 1.0) if ln else None,
-            ratio_mean=(tratio + lratio) / max(steps_total, 1.0),
-            token_logp_mean=tlogp / max(tn, 1.0),
-            latent_logp_mean=llogp / ln if ln else None,
-            latent_logp_min=sums["latent"]["logp_min"] if ln else None,
-            ratio_max=max(sums["token"]["ratio_max"], sums["latent"]["ratio_max"]),
-            token_steps=int(tn),
-            latent_steps=int(ln),
+            loss=sum(u["loss"] for u in updates) / len(updates),
+            **term_stats(all_terms, reduce),
             updates=len(minis),
+            update_metrics=updates,  # written as "update" lines by train(), then dropped
             lr=lr,
             grad_norm=grad_norms[-1] if grad_norms else None,
             score_s=t_score,
@@ -1081,13 +1081,13 @@ class VLPORecipe(SFTRecipe):
         last_saved = None
         if cfg.eval.at_start and p.global_step == 0:
             self.metrics.event("eval", step=0, **self.evaluate())
-        while p.global_step < self.stop_step:
-            for _ in range(p.step_in_epoch, self.steps_per_epoch):
-                if p.global_step >= self.stop_step:
-                    break
+        # Without max_steps the run ends with its epochs (a step with extra rollout calls
+        # consumes several prompt batches, so an epoch may hold fewer RL steps).
+        while p.global_step < self.stop_step and (tr.max_steps or p.epoch < tr.epochs):
+            while p.step_in_epoch < self.steps_per_epoch and p.global_step < self.stop_step:
                 prompts = self.step_prompts(p.step_in_epoch, p.epoch)
                 stats = self._train_step(p.global_step, prompts)
-                p.step_in_epoch += 1
+                p.step_in_epoch += stats["rollout_calls"]
                 p.global_step += 1
                 p.samples_seen += stats["prompts"]
                 p.tokens_seen += stats["tokens"]
@@ -1107,7 +1107,10 @@ class VLPORecipe(SFTRecipe):
                 result.rewards.append(stats["reward_mean"])
                 if cfg.eval.every and p.global_step % cfg.eval.every == 0:
                     stats.update(self.evaluate())
+                updates = stats.pop("update_metrics", [])
                 if p.global_step % tr.log_every == 0 or p.global_step == self.stop_step:
+                    for rec in updates:
+                        self.metrics.event(UPDATE_EVENT, step=p.global_step, **rec)
                     self.metrics.log(p.global_step, stats)
                 self.metrics.advance()
                 if tr.save_every and p.global_step % tr.save_every == 0:
@@ -1145,6 +1148,7 @@ class VLPORecipe(SFTRecipe):
                 top_p=r.top_p,
                 max_new_tokens=ev.max_new_tokens or r.max_new_tokens,
                 latent_size=self.latent_size,
+                latent_layout=self.latent_layout,
                 seed=self.cfg.seed + 1,
                 batch_size=r.batch_size,
                 ban=self.ban,
@@ -1179,6 +1183,7 @@ def evaluate_rewards(
     top_p: float = 1.0,
     max_new_tokens: int = 256,
     latent_size: int | None = None,
+    latent_layout: str | None = None,
     seed: int = 0,
     batch_size: int = 64,
     ban: BanTokens | None = None,
@@ -1205,7 +1210,7 @@ def evaluate_rewards(
                 [prompt_input(s) for s in chunk],
                 max_new_tokens=max_new_tokens,
                 latent_size=k,
-                latent_layout="sft",
+                latent_layout=latent_layout or get_latent_config(model).latent_layout,
                 do_sample=sampling,
                 temperature=temperature if sampling else 1.0,
                 top_p=top_p if sampling else 1.0,
