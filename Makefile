@@ -10,7 +10,7 @@ RUN_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cpu
 STAMP := $(VENV)/.monet_fast_installed
 BUILD_INPUTS := setup.py pyproject.toml CMakeLists.txt constraints.txt $(wildcard csrc/*)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ demo: install
 
 test: install
 	$(RUN_ENV) TRITON_INTERPRET=1 $(PY) -m pytest -q --benchmark-disable tests
+
+# The inner loop: everything but the tests marked slow (end-to-end CLI runs, subprocess installs,
+# multi-process DeepSpeed, GPU-target compiles).
+test-fast: install
+	$(RUN_ENV) TRITON_INTERPRET=1 $(PY) -m pytest -q -x --benchmark-disable -m "not slow" tests
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -224,7 +224,7 @@ class Demo:
         else:
             overrides += [
                 "rollout.prompts_per_step=8",
-                "trainer.mini_batch_prompts=2",  # up to 4 updates per rollout batch
+                "trainer.mini_batch_prompts=1",  # one group per update: up to 8 per batch
                 "trainer.micro_batch_size=16",
                 "filter.max_extra_rollouts=1",  # at most one more rollout call to fill the step
             ]

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from monet_fast.bench.targets import FAIL, NOT_MEASURED, PASS, evaluate_targets, format_targets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,6 +130,7 @@ def test_driver_refuses_without_gpu(tmp_path):
     assert "no CUDA GPU" in proc.stderr
 
 
+@pytest.mark.slow
 def test_driver_plumbing_on_cpu(tmp_path):
     """The whole pipeline minus build and GPU tests: one benchmark, results and target table."""
     (tmp_path / "out").mkdir()

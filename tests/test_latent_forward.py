@@ -226,6 +226,7 @@ def test_given_latents_are_fed(tiny):
     torch.testing.assert_close(out.slot_states[0][0], z)  # layer 0 = the input embedding
 
 
+@pytest.mark.slow
 def test_triton_latent_attention_path_equals_dense_sdpa(tiny):
     """With "monet_latent" (Triton kernel, compact mask) the forward and gradients equal the
     dense-mask SDPA path; mixed layouts exercise inner padding columns."""
@@ -254,6 +255,7 @@ def test_triton_latent_attention_path_equals_dense_sdpa(tiny):
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-4, rtol=1e-3, msg=name)
 
 
+@pytest.mark.slow
 def test_latent_forward_benchmark_cli(tmp_path, capsys):
     """`monet-fast bench latent-forward --quick --json`: both providers per configuration, the
     reference row at speed-up 1 and the batched row's speed-up consistent with its timing."""

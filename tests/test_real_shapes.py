@@ -31,6 +31,9 @@ from monet_fast.model.tokens import TokenIds
 GEOMETRY = "qwen2_5_vl_7b"
 K = 2
 
+# About 50 CPU-s for the file: part of `make test`, not of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def _img(seed: int, width: int, height: int) -> Image.Image:
     g = torch.Generator().manual_seed(seed)

@@ -282,6 +282,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, sft_model, monkeypatc
     ],
     ids=["ref-offload", "ref-zero3", "policy-zero3"],
 )
+@pytest.mark.slow
 def test_reference_placement_and_zero3_policy_give_the_same_run(tmp_path, sft_model, variant):
     args = ["optim.lr=1e-3", "filter.enabled=false"]
     _, want = _rl(tmp_path, sft_model, *args, name="base", max_steps=2)
@@ -572,7 +573,7 @@ def test_a_short_seeded_run_improves_held_out_reward(tmp_path, sft_model):
         "rollout.prompts_per_step=8",
         "rollout.group_size=8",
         "rollout.max_new_tokens=48",
-        "trainer.mini_batch_prompts=8",
+        "trainer.mini_batch_prompts=4",  # 2 updates per rollout batch
         "data.n=64",
         "optim.lr=2e-4",
         "eval.at_start=true",

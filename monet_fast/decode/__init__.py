@@ -4,8 +4,7 @@ See `monet_fast.decode.engine` for the decoding rule of both latent layouts and 
 design (C++/CUDA state machine, static KV cache, CUDA graphs on GPU).
 """
 
-import importlib
-from typing import Any
+from monet_fast._lazy import lazy_exports
 
 # Exports are imported on first use: `monet_fast.decode.cli` is imported to build the CLI parser
 # (for every command), which must not pull transformers and the model through the engine.
@@ -20,18 +19,5 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'monet_fast.decode' has no attribute {name!r}")
-
-
-__all__ = [
-    "GenerateOutput",
-    "GraphUnsafeProcessorWarning",
-    "LatentDecoder",
-    "LogitsProcessor",
-    "collapse_latent_spans",
-    "generate",
-    "render_latent_text",
-]
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
+__all__ = sorted(_LAZY)

@@ -3,7 +3,7 @@
 Importing this package is cheap: each name below is imported from its module on first use.
 """
 
-import importlib
+from monet_fast._lazy import lazy_exports
 
 # Exports are imported on first access (PEP 562) so that `import monet_fast.model.tokens` (the
 # CLI parser, data, decode) costs neither transformers nor the Triton kernels, and so that
@@ -42,50 +42,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
-
-
-__all__ = [
-    "ENDOFTEXT",
-    "IMAGE_PAD",
-    "IM_END",
-    "IM_START",
-    "LATENT_END",
-    "LATENT_LAYOUTS",
-    "LATENT_PAD",
-    "LATENT_PLACEHOLDER",
-    "LATENT_START",
-    "MONET_TOKENS",
-    "OBS_END",
-    "OBS_START",
-    "QWEN2_VL_CHAT_TEMPLATE",
-    "QWEN_SPECIAL_TOKENS",
-    "VIDEO_PAD",
-    "VISION_END",
-    "VISION_START",
-    "LatentConfig",
-    "LatentForwardOutput",
-    "MonetProcessor",
-    "TokenIds",
-    "add_monet_tokens",
-    "apply_latent_config",
-    "ensure_embedding_rows",
-    "get_latent_config",
-    "latent_forward",
-    "load_pretrained",
-    "save_pretrained",
-    "tiny_config",
-    "tiny_model",
-    "tiny_processor",
-    "tiny_tokenizer",
-]
+__getattr__, __dir__ = lazy_exports(
+    __name__, {name: f"{__name__}.{module}" for name, module in _EXPORTS.items()}, globals()
+)
+__all__ = sorted(_EXPORTS)

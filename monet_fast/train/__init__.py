@@ -8,9 +8,10 @@ Importing this package is cheap (configs only); the recipes import DeepSpeed whe
 
 from __future__ import annotations
 
-from typing import Any
-
-from monet_fast.train.config import ConfigError, TrainConfig, load_config
+from monet_fast._lazy import lazy_exports
+from monet_fast.train.config import ConfigError as ConfigError
+from monet_fast.train.config import TrainConfig as TrainConfig
+from monet_fast.train.config import load_config as load_config
 
 _LAZY = {
     "train": "monet_fast.train.sft",
@@ -35,36 +36,5 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'monet_fast.train' has no attribute {name!r}")
-
-
-__all__ = [
-    "RECIPES",
-    "ConfigError",
-    "MissingTeacherEntry",
-    "OnlineTeacher",
-    "SFTRecipe",
-    "Stage1Recipe",
-    "Stage2Recipe",
-    "Stage3Recipe",
-    "TeacherCache",
-    "TrainConfig",
-    "TrainResult",
-    "TrainingProgress",
-    "load_config",
-    "precompute_teacher",
-    "precompute_teacher_cache",
-    "read_metrics",
-    "train",
-    # VLPO
-    "MonetReward",
-    "RLConfig",
-    "VLPORecipe",
-    "load_rl_config",
-    "rl",
-]
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
+__all__ = sorted([*_LAZY, "ConfigError", "TrainConfig", "load_config"])

@@ -56,10 +56,13 @@ def filter_groups(rollouts: list[Rollout], f: Any, adv_eps: float) -> tuple[list
     groups: dict[int, list[Rollout]] = {}
     for r in rollouts:
         groups.setdefault(r.group, []).append(r)
+    # A group with a failed reward (`RewardResult.error`, see rewards.safe_reward) is never
+    # trained on: its placeholder 0 would skew the other members' advantages.
     passing = [
         g
         for gid, g in groups.items()
-        if not f.enabled or grpo.keep_group(acc[gid], f.acc_low, f.acc_high)
+        if not any(r.reward.error for r in g)
+        and (not f.enabled or grpo.keep_group(acc[gid], f.acc_low, f.acc_high))
     ]
     return passing, len(groups)
 

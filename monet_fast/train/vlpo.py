@@ -65,7 +65,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from monet_fast.model.tokens import TokenIds
@@ -85,6 +84,7 @@ from monet_fast.train.config import (
     _positive,
     _validate_data,
     apply_overrides,
+    read_yaml_config,
 )
 from monet_fast.train.data import dataset_fingerprint, epoch_order
 from monet_fast.train.filtering import QUOTA_MET, pool_groups
@@ -98,7 +98,7 @@ from monet_fast.train.loop import (
     run_cli,
 )
 from monet_fast.train.metrics import MetricsLogger
-from monet_fast.train.rewards import FORMAT_RULES, MonetReward, build_judge
+from monet_fast.train.rewards import FORMAT_RULES, MonetReward, build_judge, safe_reward
 from monet_fast.train.rollout import (
     PAIRINGS,
     BanTokens,
@@ -235,6 +235,7 @@ class RLTrainerSection:
     log_every: int = 1
     save_every: int = 0  # RL steps between checkpoints; 0 = final checkpoint only
     keep_last: int = 2
+    shared_filesystem: bool = True  # false: each node keeps its own checkpoint copy (local disks)
     export: bool = True
     shuffle: bool = True
 
@@ -408,24 +409,14 @@ def _validate_rl(cfg: RLConfig) -> None:
 
 
 def load_rl_config(path: str | Path | None, overrides: list[str] | None = None) -> RLConfig:
-    """Read a VLPO YAML config, apply `key=value` overrides, validate."""
-    values: dict = {}
-    source = None
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-        try:
-            values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{p} is not valid YAML: {err}") from err
-        source = str(p)
-    values = apply_overrides(values, list(overrides or []))
-    if not isinstance(values, dict):
-        raise ConfigError(f"a config must be a YAML mapping, got {type(values).__name__}")
-    cfg = _build(RLConfig, values)
-    cfg.source = source
-    return cfg.validate()
+    """Read a VLPO YAML config, apply `key=value` overrides, validate (ConfigError names the file)."""
+    values, source = read_yaml_config(path)
+    try:
+        cfg = _build(RLConfig, apply_overrides(values, list(overrides or [])))
+        cfg.source = source
+        return cfg.validate()
+    except ConfigError as err:
+        raise err.in_file(source) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,9 +587,9 @@ class VLPORecipe(SFTRecipe):
     Features: group rollouts with deterministic latent steps and their latent trace; rule-based
     rewards with pluggable functions and an optional judge; GRPO advantages; clipped token and
     latent (Gaussian, fp32 fused kernel) surrogates with dual clip; low-variance KL; online
-    difficulty filtering that never crashes; several optimizer steps per rollout batch; variable
-    micro-batch counts (caller-owned DeepSpeed accumulation boundary); JSONL metrics + progress
-    bar; atomic checkpoints, exact resume, HF export. Reuses the SFT loop's building blocks
+    difficulty filtering pooled over a bounded number of rollout calls, never crashing; several
+    optimizer steps per rollout batch; variable micro-batch counts (caller-owned DeepSpeed
+    accumulation boundary); JSONL metrics (per RL step and per update) + progress bar; atomic checkpoints, exact resume, HF export. Reuses the SFT loop's building blocks
     (distributed init, DeepSpeed config, optimizer, checkpoints, export, metrics).
 
     Raises (ConfigError, at construction or set-up):
@@ -920,7 +911,8 @@ class VLPORecipe(SFTRecipe):
                 latent_layout=self.latent_layout,
             )
         for ro in out:
-            ro.reward = self.reward_fn(ro.text, ro.sample, ro.info)
+            # A failing reward is logged and marks the rollout; its group is not trained on.
+            ro.reward = safe_reward(self.reward_fn, ro.text, ro.sample, ro.info)
         return out
 
     def _micro_batches(self, groups: list[list[Rollout]], step: int) -> list[list[list[Rollout]]]:
@@ -1154,14 +1146,16 @@ class VLPORecipe(SFTRecipe):
                 ban=self.ban,
                 use_cuda_graphs=r.cuda_graphs and self.zero_stage != 3,
             )
-        n, rew, ok, fmt = _all_reduce_sum(
-            [res["n"], res["reward_sum"], res["correct_sum"], res["format_sum"]], self.device
+        n, rew, ok, fmt, fail = _all_reduce_sum(
+            [res["n"], res["reward_sum"], res["correct_sum"], res["format_sum"], res["failures"]],
+            self.device,
         )
         return {
             "eval_reward": rew / max(n, 1.0),
             "eval_accuracy": ok / max(n, 1.0),
             "eval_format_rate": fmt / max(n, 1.0),
             "eval_n": int(n),
+            "eval_reward_failures": int(fail),
         }
 
     def cleanup(self) -> None:
@@ -1189,7 +1183,8 @@ def evaluate_rewards(
     ban: BanTokens | None = None,
     use_cuda_graphs: bool = True,
 ) -> dict[str, float]:
-    """Rewards of the model on prompts: greedy (temperature 0) or sampled; sums and counts."""
+    """Rewards of the model on prompts: greedy (temperature 0) or sampled; sums and counts. A
+    response whose reward raises counts as reward 0, wrong, and in `failures` (logged)."""
     from monet_fast.decode import generate
     from monet_fast.model.config import get_latent_config
     from monet_fast.train.rewards import RolloutInfo
@@ -1197,7 +1192,7 @@ def evaluate_rewards(
 
     k = latent_size or get_latent_config(model).latent_size
     jobs = [s for s in samples for _ in range(samples_per_prompt)]
-    out = {"n": 0.0, "reward_sum": 0.0, "correct_sum": 0.0, "format_sum": 0.0}
+    out = {"n": 0.0, "reward_sum": 0.0, "correct_sum": 0.0, "format_sum": 0.0, "failures": 0.0}
     was_training = model.training
     model.eval()
     try:
@@ -1219,11 +1214,12 @@ def evaluate_rewards(
                 logits_processor=ban,
             )
             for s, text, ids, why in zip(chunk, gen.texts, gen.sequences, gen.finish_reasons):
-                res = reward_fn(text, s, RolloutInfo(int(ids.numel()), 0, why))
+                res = safe_reward(reward_fn, text, s, RolloutInfo(int(ids.numel()), 0, why))
                 out["n"] += 1
                 out["reward_sum"] += res.reward
                 out["correct_sum"] += float(res.correct)
                 out["format_sum"] += float(res.format_ok)
+                out["failures"] += float(res.error is not None)  # counted as reward 0
     finally:
         model.train(was_training)
     return out

@@ -52,24 +52,25 @@ def rollout_stats(pool: GroupPool, reduce: Reduce) -> dict[str, Any]:
     lengths, groups rolled out / passing the filter / kept (<= quota), the pool's calls and reason.
     """
     ros = pool.rollouts
-    (n, r_sum, r_sq, n_ok, n_fmt, tok_sum, blk_sum, n_len, n_groups, n_pass, n_kept, adv_abs) = (
-        reduce(
-            [
-                len(ros),
-                sum(r.reward.reward for r in ros),
-                sum(r.reward.reward**2 for r in ros),
-                sum(r.reward.correct for r in ros),
-                sum(r.reward.format_ok for r in ros),
-                float(sum(int(r.response_ids.numel()) for r in ros)),
-                sum(r.n_blocks for r in ros),
-                sum(r.finish_reason == "length" for r in ros),
-                pool.groups,
-                pool.passed,
-                len(pool.kept),
-                sum(abs(r.advantage) for r in ros),
-            ]
-        )
+    *sums, n_fail, n_judge_fail = reduce(
+        [
+            len(ros),
+            sum(r.reward.reward for r in ros),
+            sum(r.reward.reward**2 for r in ros),
+            sum(r.reward.correct for r in ros),
+            sum(r.reward.format_ok for r in ros),
+            float(sum(int(r.response_ids.numel()) for r in ros)),
+            sum(r.n_blocks for r in ros),
+            sum(r.finish_reason == "length" for r in ros),
+            pool.groups,
+            pool.passed,
+            len(pool.kept),
+            sum(abs(r.advantage) for r in ros),
+            sum(r.reward.error is not None for r in ros),
+            sum(r.reward.judge == "error" for r in ros),
+        ]
     )
+    (n, r_sum, r_sq, n_ok, n_fmt, tok_sum, blk_sum, n_len, n_groups, n_pass, n_kept, adv_abs) = sums
     mean = r_sum / n
     return {
         "reward_mean": mean,
@@ -87,6 +88,10 @@ def rollout_stats(pool: GroupPool, reduce: Reduce) -> dict[str, Any]:
         "pool_reason": pool.reason,
         "tokens": int(tok_sum),
         "prompts": int(n_groups),
+        # Rollouts whose reward raised (reward 0, group not trained on; rewards.safe_reward) and
+        # whose judge failed (rule verdict kept); both logged per sample.
+        "reward_failures": int(n_fail),
+        "judge_failures": int(n_judge_fail),
     }
 
 
