@@ -1,6 +1,6 @@
 """Tile shapes of the Triton kernels, in one table keyed on (kernel, dtype, head_dim bucket, arch).
 
-Every launcher asks `tile_config` (or `row_tiles` for the row-streaming log-prob kernels) for its
+Every launcher asks `tile_config` (or `row_launch` for the row-streaming log-prob kernels) for its
 block sizes, warps and pipeline stages, and `monet-fast check-kernels` compiles exactly those
 choices for each GPU target, so the table below is what has been checked to fit.
 
@@ -10,9 +10,11 @@ about num_stages x (the two streamed tiles, BLOCK_N x BLOCK_D each) + the reside
 BLOCK_D tiles, times the dtype's size (fp32 twice the 16-bit bytes), plus layout scratch. A
 block may use at most the arch's opt-in maximum (`SHARED_LIMITS`, CUDA occupancy tables):
 sm_80 163 KB, sm_86 / sm_89 99 KB, sm_90 227 KB. Measured by `monet-fast check-kernels`
-(Triton 3.8): the tuned 16-bit tiles (128 x 64, 3 stages) need 130 KB at head_dim 128, too
-much for sm_86 / sm_89, which get smaller tiles; fp32 with those tiles needed up to 227 KB
-(and fp32 dots run on FMA units and spill), so fp32 uses 32 x 32 tiles on every arch.
+(Triton 3.8): the tuned 16-bit tiles (128 x 64, 3 stages) need up to 130 KB at head_dim 128
+on sm_90 and 105 KB (dK/dV) on sm_80 / sm_89, too much for sm_86 / sm_89, which get smaller
+tiles; fp32 with those tiles needs about twice as much (227 KB at head_dim 128 and 130 KB at
+64 even without alignment hints; its ieee dots run on FMA units and spill), so fp32 uses
+32 x 32 tiles on every arch (48-68 KB).
 head_dim 80 / 96 use BLOCK_D = 128 with masking (tl.arange needs a power of two), and
 head_dim < 16 is zero-padded to BLOCK_D = 16 because tl.dot needs K >= 16.
 
@@ -70,8 +72,9 @@ class RowTiles:
 
 # 16-bit latent attention. With aligned inputs Triton pipelines the K / V (or Q / dO) tiles
 # through shared memory with cp.async, one buffer per stage: the tuned sm_90 defaults need
-# 130 KB at D = 128, which sm_80 (163 KB) and sm_90 (227 KB) have and sm_86 / sm_89 (99 KB) do
-# not, so the sm86 family gets 64-row tiles, 4 warps and 2 stages (<= ~80 KB).
+# 130 KB at D = 128 on sm_90 and 105 KB on sm_80 / sm_89, which sm_80 (163 KB) and sm_90
+# (227 KB) have and sm_86 / sm_89 (99 KB) do not, so the sm86 family gets 64-row tiles,
+# 4 warps and 2 stages (57 KB).
 _SMALL_16 = BlockConfig(64, 64, 32, 64, 64, 32, num_warps=4, num_stages=2)
 _ATTN_16 = {
     "sm80": {
