@@ -1,5 +1,6 @@
-"""Atomic file writes (temp file in the same directory + os.replace), used package-wide:
-readers see the old or the new file, never a partial one."""
+"""Atomic, durable file writes (temp file in the same directory, fsync, os.replace, fsync of the
+directory), used package-wide: readers see the old or the new file, never a partial one, and after
+the call returns the new file survives a power loss."""
 
 from __future__ import annotations
 
@@ -23,6 +24,15 @@ def temp_sibling(path: Path) -> str:
     return tmp
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory, so that renames and new entries in it are durable (POSIX)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (creating the parent directory)."""
     path = Path(path)
@@ -34,6 +44,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself must survive a crash too
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -26,9 +26,18 @@ Conversion of the assistant turn (the reference's rules of
 * In the user turn, placeholders (rare) move the question images to their positions, as the
   reference's `process_multiple_question_img` does.
 
-Errors are `DataError`s naming the file, the 0-based row and the sample_id. `on_error="skip"` drops
-bad rows and warns once with the count and the first reasons (`read_monet_sft_with_report` also
-returns them). A file that is not valid JSON cannot be skipped row by row and always raises.
+Errors: reading raises only `DataError` (a ValueError) for anything wrong with the data -- the
+file (missing, not UTF-8, not JSON, too deeply nested), a row (structure, types, placeholder and
+observation rules, unencodable unicode) or an image (path outside the dataset root, missing,
+empty, truncated, corrupt, over `images.pixel_limit()`, unusable mode) -- naming the file, the
+0-based row, the sample_id and, where one field is at fault, the field (`data[2].content[1].image`).
+Bad arguments (`on_error`) raise `ValueError`. `on_error="skip"` drops bad rows and warns once
+(`DataWarning`) with the count and the first reasons (`read_monet_sft_with_report` also returns
+them). A file that is not valid JSON cannot be skipped row by row and always raises.
+
+Image paths must stay inside the dataset root (no absolute paths, no `..` or symlink leading out;
+`monet_fast.data.paths`) unless `allow_outside_root=True` (config `data.allow_outside_root`).
+`write_monet_sft` checks every sample before it writes anything and writes each file atomically.
 """
 
 from __future__ import annotations
@@ -36,17 +45,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from PIL import UnidentifiedImageError
-
-from monet_fast._io import atomic_write_text
+from monet_fast.data.errors import DataError, DataWarning, split_source
 from monet_fast.data.images import open_rgb
+from monet_fast.data.paths import resolve_image_path
 from monet_fast.data.types import DEFAULT_SYSTEM, SEGMENT_KINDS, Sample, Segment
 from monet_fast.model.tokens import LATENT_PLACEHOLDER, OBS_END, OBS_START
 
@@ -68,56 +75,6 @@ RESERVED_STRINGS = (LATENT_PLACEHOLDER, OBS_START, OBS_END)
 
 # How many skip reasons the warning quotes.
 _N_REASONS_SHOWN = 3
-
-
-class DataError(ValueError):
-    """A malformed dataset row or sample; the message names the file, row and sample_id."""
-
-    def __init__(
-        self,
-        reason: str,
-        *,
-        file: str | os.PathLike | None = None,
-        row: int | None = None,
-        sample_id: str | None = None,
-    ) -> None:
-        self.reason = reason
-        self.file = None if file is None else str(file)
-        self.row = row
-        self.sample_id = sample_id
-        where = []
-        if self.file is not None:
-            where.append(self.file)
-        if row is not None:
-            where.append(f"row {row}")
-        if sample_id is not None:
-            where.append(f"sample_id={sample_id!r}")
-        super().__init__(f"{', '.join(where)}: {reason}" if where else reason)
-
-    def located(
-        self, file: str | os.PathLike | None, row: int | None, sample_id: str | None
-    ) -> DataError:
-        """The same reason, with the location filled in where it was missing."""
-        return DataError(
-            self.reason,
-            file=self.file if self.file is not None else file,
-            row=self.row if self.row is not None else row,
-            sample_id=self.sample_id if self.sample_id is not None else sample_id,
-        )
-
-    def __reduce__(self):
-        # Keyword-only fields survive pickling (DataLoader workers re-raise in the main process).
-        return _rebuild_data_error, (self.reason, self.file, self.row, self.sample_id)
-
-
-def _rebuild_data_error(
-    reason: str, file: str | None, row: int | None, sample_id: str | None
-) -> DataError:
-    return DataError(reason, file=file, row=row, sample_id=sample_id)
-
-
-class DataWarning(UserWarning):
-    """Rows were skipped while reading a dataset (`on_error="skip"`)."""
 
 
 @dataclass
@@ -149,6 +106,7 @@ def read_monet_sft(
     strip_boxed_instruction: bool = True,
     strip_early_observations: bool = True,
     overwrite_system: bool = True,
+    allow_outside_root: bool = False,
 ) -> list[Sample]:
     """Read a Monet-SFT-format `.json` (list) or `.jsonl` file into `Sample`s.
 
@@ -168,6 +126,12 @@ def read_monet_sft(
         strip_early_observations: strip `<observation>` tags before the first auxiliary image
             (reference); False makes such an observation an error instead.
         overwrite_system: replace the system text by "You are a helpful assistant." (reference).
+        allow_outside_root: accept absolute image paths and paths leading out of `dataset_root`
+            (`..`, symlinks); refused by default.
+
+    Raises:
+        DataError: a bad file, row or image (see the module docstring), located.
+        ValueError: an unknown `on_error`.
     """
     samples, report = read_monet_sft_with_report(
         json_path,
@@ -178,6 +142,7 @@ def read_monet_sft(
         strip_boxed_instruction=strip_boxed_instruction,
         strip_early_observations=strip_early_observations,
         overwrite_system=overwrite_system,
+        allow_outside_root=allow_outside_root,
     )
     return samples
 
@@ -192,6 +157,7 @@ def read_monet_sft_with_report(
     strip_boxed_instruction: bool = True,
     strip_early_observations: bool = True,
     overwrite_system: bool = True,
+    allow_outside_root: bool = False,
 ) -> tuple[list[Sample], ReadReport]:
     """`read_monet_sft`, also returning a `ReadReport` of rows read and skipped."""
     if on_error not in ON_ERROR_MODES:
@@ -207,6 +173,7 @@ def read_monet_sft_with_report(
         strip_early_observations=strip_early_observations,
         overwrite_system=overwrite_system,
         default_dataset_name=path.parent.name or "dataset",
+        allow_outside_root=allow_outside_root,
     )
     samples: list[Sample] = []
     for row_index, row in _iter_rows(path, on_error, report):
@@ -215,7 +182,9 @@ def read_monet_sft_with_report(
         try:
             try:
                 sample = _sample_from_row(row, opts, row_index, f"{path}:{row_index}")
-            except (KeyError, TypeError, AttributeError) as err:
+            except DataError:
+                raise
+            except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as err:
                 # Structure we did not anticipate: still a bad row (skippable), not a crash.
                 raise DataError(f"malformed row ({type(err).__name__}: {err})") from err
         except DataError as err:
@@ -246,19 +215,17 @@ def _iter_rows(path: Path, on_error: OnError, report: ReadReport) -> Iterable[tu
         raise DataError("dataset file not found", file=path) from None
     except UnicodeDecodeError as err:
         raise DataError(f"not UTF-8 text ({err})", file=path) from None
+    except OSError as err:
+        raise DataError(f"cannot read the dataset file ({err})", file=path) from None
 
     if path.suffix == ".jsonl":
         for row_index, line in enumerate(text.splitlines()):
             if not line.strip():
                 continue
             try:
-                yield row_index, json.loads(line)
-            except json.JSONDecodeError as err:
-                error = DataError(
-                    f"malformed JSON at line {row_index + 1} column {err.colno}: {err.msg}",
-                    file=path,
-                    row=row_index,
-                )
+                yield row_index, parse_json(line, line_offset=row_index)
+            except DataError as err:
+                error = err.located(path, row_index, None)
                 if on_error == "raise":
                     raise error from None
                 report.n_rows += 1
@@ -266,16 +233,28 @@ def _iter_rows(path: Path, on_error: OnError, report: ReadReport) -> Iterable[tu
         return
 
     try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"malformed JSON at line {err.lineno} column {err.colno}: {err.msg}", file=path
-        ) from None
+        rows = parse_json(text)
+    except DataError as err:
+        raise err.located(path, None, None) from None
     if not isinstance(rows, list):
         raise DataError(
             f"expected a JSON list of rows, got a JSON {type(rows).__name__}", file=path
         )
     yield from enumerate(rows)
+
+
+def parse_json(text: str, line_offset: int = 0) -> Any:
+    """json.loads with every failure a DataError; `line_offset` = lines before `text` in the file."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"malformed JSON at line {err.lineno + line_offset} column {err.colno}: {err.msg}"
+        ) from None
+    except RecursionError:
+        raise DataError("JSON nested too deeply") from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        raise DataError(f"unreadable JSON value ({err})") from None
 
 
 def _peek_sample_id(row: Any) -> str | None:
@@ -296,6 +275,7 @@ class _ReadOptions:
     strip_early_observations: bool
     overwrite_system: bool
     default_dataset_name: str
+    allow_outside_root: bool = False
 
 
 def _sample_from_row(row: Any, opts: _ReadOptions, row_index: int, source: str) -> Sample:
@@ -309,15 +289,33 @@ def _sample_from_row(row: Any, opts: _ReadOptions, row_index: int, source: str) 
         raise DataError(f'row has no "data" (keys: {sorted(row)})')
     messages = row["data"]
     if not isinstance(messages, list):
-        raise DataError(f'"data" must be a list of messages, got {type(messages).__name__}')
+        raise DataError(
+            f'"data" must be a list of messages, got {type(messages).__name__}', field="data"
+        )
     metadata = row.get("metadata") or {}
     if not isinstance(metadata, dict):
-        raise DataError(f'"metadata" must be an object, got {type(metadata).__name__}')
+        raise DataError(
+            f'"metadata" must be an object, got {type(metadata).__name__}', field="metadata"
+        )
 
     roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
     if roles not in (["system", "user", "assistant"], ["user", "assistant"]):
-        raise DataError(f"expected messages with roles [system?, user, assistant], got {roles}")
-    by_role = {m["role"]: _content_items(m) for m in messages}
+        raise DataError(
+            f"expected messages with roles [system?, user, assistant], got {roles!r:.200}",
+            field="data[*].role",
+        )
+    by_role = {m["role"]: _content_items(m, i) for i, m in enumerate(messages)}
+    msg_index = {m["role"]: i for i, m in enumerate(messages)}
+
+    def image_maker(role: str) -> _MakeImage:
+        def make(kind: Literal["image", "aux_image"], item_index: int, rel: str) -> Segment:
+            field = f"data[{msg_index[role]}].content[{item_index}].image"
+            try:
+                return _image_segment(kind, rel, opts)
+            except DataError as err:
+                raise err.located(None, None, None, field) from None
+
+        return make
 
     # System: the reference overwrites it unconditionally.
     system = DEFAULT_SYSTEM
@@ -326,14 +324,13 @@ def _sample_from_row(row: Any, opts: _ReadOptions, row_index: int, source: str) 
 
     question = _user_segments(
         by_role["user"],
+        make_image=image_maker("user"),
         dataset_root=opts.dataset_root,
-        load_images=opts.load_images,
         strip_boxed_instruction=opts.strip_boxed_instruction,
     )
     reasoning = _assistant_segments(
         by_role["assistant"],
-        dataset_root=opts.dataset_root,
-        load_images=opts.load_images,
+        make_image=image_maker("assistant"),
         strip_early_observations=opts.strip_early_observations,
     )
     reasoning, answer = _extract_answer(reasoning)
@@ -345,7 +342,10 @@ def _sample_from_row(row: Any, opts: _ReadOptions, row_index: int, source: str) 
     if choices is not None and not (
         isinstance(choices, list) and all(isinstance(c, str) for c in choices)
     ):
-        raise DataError(f'metadata "choices" must be a list of strings, got {choices!r}')
+        raise DataError(
+            f'metadata "choices" must be a list of strings, got {choices!r:.80}',
+            field="metadata.choices",
+        )
     sample = Sample(
         question=question,
         reasoning=reasoning,
@@ -362,18 +362,28 @@ def _sample_from_row(row: Any, opts: _ReadOptions, row_index: int, source: str) 
     return sample
 
 
-def _content_items(message: dict) -> list[tuple[str, str]]:
-    """A message's content as (type, text-or-image-path) pairs, type-checked."""
+def _content_items(message: dict, msg_index: int) -> list[tuple[str, str]]:
+    """A message's content as (type, text-or-image-path) pairs, type-checked.
+
+    Errors name the field (`data[i].content[j]...`); the caller adds file, row and sample_id.
+    """
     role = message["role"]
     content = message.get("content")
+    field = f"data[{msg_index}].content"
     if isinstance(content, str):  # plain-string content is valid chat format
+        _check_utf8(content, f"{role} content", field)
         return [("text", content)]
     if not isinstance(content, list):
-        raise DataError(f"{role} message content must be a list, got {type(content).__name__}")
+        raise DataError(
+            f"{role} message content must be a list, got {type(content).__name__}", field=field
+        )
     items: list[tuple[str, str]] = []
     for j, item in enumerate(content):
+        where = f"{field}[{j}]"
         if not isinstance(item, dict):
-            raise DataError(f"{role} item {j} must be an object, got {type(item).__name__}")
+            raise DataError(
+                f"{role} item {j} must be an object, got {type(item).__name__}", field=where
+            )
         kind = item.get("type")
         if kind == "text":
             value = item.get("text")
@@ -382,36 +392,53 @@ def _content_items(message: dict) -> list[tuple[str, str]]:
             value = item.get("image", item.get("image_file_name"))
         else:
             raise DataError(
-                f"unknown content item type {kind!r} in {role} item {j} "
-                f"(allowed: {list(CONTENT_TYPES)})"
+                f"unknown content item type {kind!r:.80} in {role} item {j} "
+                f"(allowed: {list(CONTENT_TYPES)})",
+                field=f"{where}.type",
             )
         if not isinstance(value, str):
-            raise DataError(f"{role} item {j} ({kind}) needs a string, got {value!r}")
+            raise DataError(
+                f"{role} item {j} ({kind}) needs a string, got {value!r:.80}",
+                field=f"{where}.{kind}",
+            )
+        if kind == "text":
+            _check_utf8(value, f"{role} item {j} text", f"{where}.text")
         items.append((kind, value))
     return items
 
 
-def _image_segment(
-    kind: Literal["image", "aux_image"], rel_path: str, dataset_root: Path, load_images: bool
-) -> Segment:
-    path = dataset_root / rel_path
-    if not load_images:
-        return Segment(kind, path=str(path))
+def _check_utf8(text: str, what: str, field: str) -> None:
+    # JSON can spell lone surrogates ("\ud800"); they crash tokenizers and UTF-8 writers later.
     try:
-        image = open_rgb(path)
-    except FileNotFoundError:
-        hint = _root_hint(rel_path, dataset_root)
-        raise DataError(f"missing image file {str(path)!r}{hint}") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"cannot read image file {str(path)!r}: {err}") from None
-    return Segment(kind, image=image, path=str(path))
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(
+            f"{what} is not valid unicode ({err.reason} at {err.start})", field=field
+        ) from None
+
+
+# make_image(kind, content item index, relative path) -> image segment (field-located errors)
+_MakeImage = Callable[[Literal["image", "aux_image"], int, str], Segment]
+
+
+def _image_segment(
+    kind: Literal["image", "aux_image"], rel_path: str, opts: _ReadOptions
+) -> Segment:
+    root = opts.dataset_root
+    path = resolve_image_path(root, rel_path, allow_outside_root=opts.allow_outside_root)
+    if not opts.load_images:
+        return Segment(kind, path=str(path))
+    if not os.path.exists(path):  # False (not OSError) for a name too long, a bad symlink...
+        hint = _root_hint(rel_path, root)
+        raise DataError(f"missing image file {str(path)!r}{hint}")
+    return Segment(kind, image=open_rgb(path), path=str(path))
 
 
 def _root_hint(rel_path: str, dataset_root: Path) -> str:
     # Monet-SFT-125K paths are relative to the folder above each train.json; a wrong root is the
     # commonest cause of "missing image", so say so when the parent folder has the file.
     parent = dataset_root.resolve().parent
-    if (parent / rel_path).is_file():
+    if os.path.isfile(parent / rel_path):
         return f" (the file exists under {str(parent)!r}: pass dataset_root={str(parent)!r})"
     return f" (dataset_root is {str(dataset_root)!r})"
 
@@ -419,15 +446,15 @@ def _root_hint(rel_path: str, dataset_root: Path) -> str:
 def _user_segments(
     items: list[tuple[str, str]],
     *,
+    make_image: _MakeImage,
     dataset_root: Path,
-    load_images: bool,
     strip_boxed_instruction: bool,
 ) -> list[Segment]:
-    image_paths = [value for kind, value in items if kind == "image"]
-    keep_instruction = bool(image_paths) and any(
-        marker in str(dataset_root / image_paths[0]) for marker in KEEP_BOXED_INSTRUCTION_MARKERS
+    image_items = [(j, value) for j, (kind, value) in enumerate(items) if kind == "image"]
+    keep_instruction = bool(image_items) and any(
+        marker in str(dataset_root / image_items[0][1]) for marker in KEEP_BOXED_INSTRUCTION_MARKERS
     )
-    images = [_image_segment("image", p, dataset_root, load_images) for p in image_paths]
+    images = [make_image("image", j, p) for j, p in image_items]
     texts = []
     for kind, value in items:
         if kind == "text":
@@ -462,8 +489,7 @@ def _user_segments(
 def _assistant_segments(
     items: list[tuple[str, str]],
     *,
-    dataset_root: Path,
-    load_images: bool,
+    make_image: _MakeImage,
     strip_early_observations: bool,
 ) -> list[Segment]:
     # Pairing rules first (cheap, and before any image is decoded).
@@ -490,9 +516,9 @@ def _assistant_segments(
     pieces: list[str | Segment] = []
     after_placeholder = ""
     seen_image = False
-    for kind, value in items:
+    for j, (kind, value) in enumerate(items):
         if kind == "image":
-            pieces.append(_image_segment("aux_image", value, dataset_root, load_images))
+            pieces.append(make_image("aux_image", j, value))
             pieces.append(after_placeholder)
             after_placeholder = ""
             seen_image = True
@@ -614,14 +640,8 @@ def _extract_answer(reasoning: list[Segment]) -> tuple[list[Segment], str]:
 
 def _where(sample: Sample) -> DataError:
     """An empty DataError carrying the sample's location, for `.located()`."""
-    file = row = None
-    if sample.source is not None:
-        file, _, row_text = sample.source.rpartition(":")
-        if row_text.isdigit():
-            row = int(row_text)
-        else:
-            file = sample.source
-    return DataError("", file=file or None, row=row, sample_id=sample.sample_id)
+    file, row = split_source(sample.source)
+    return DataError("", file=file, row=row, sample_id=sample.sample_id)
 
 
 def validate_sample(
@@ -714,101 +734,6 @@ def validate(
     return good
 
 
-# --------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-def write_monet_sft(
-    samples: Sequence[Sample],
-    out_dir: str | os.PathLike,
-    name: str = "train.json",
-    *,
-    image_dir: str = "images",
-) -> Path:
-    """Write samples in the Monet-SFT on-disk format; returns the JSON path.
-
-    Images are saved as RGB PNG under `out_dir/image_dir/` and referenced by paths relative to
-    `out_dir`, so `read_monet_sft(path)` (default root = the file's directory) reads them back.
-    The JSON is written to a temporary file and renamed, so readers never see a partial file.
-    `choices`, `category` and `meta` go into "metadata" next to dataset_name/sample_id (the
-    reference ignores extra keys). Round trip: reading gives the same segments and answers when
-    the answer segment is a `\\boxed{}` span and no two text segments are adjacent (they merge).
-    """
-    out = Path(out_dir)
-    (out / image_dir).mkdir(parents=True, exist_ok=True)
-    rows = []
-    for index, sample in enumerate(samples):
-        try:
-            validate_sample(sample, check_files=True, allow_no_observation=True)
-            rows.append(_sample_to_row(sample, index, out, image_dir))
-        except DataError as err:
-            raise DataError(f"cannot write sample {index}: {err}") from None
-    final = out / name
-    atomic_write_text(final, json.dumps(rows, ensure_ascii=False, indent=1))
-    return final
-
-
-def _sample_to_row(sample: Sample, index: int, out: Path, image_dir: str) -> dict:
-    stem = f"{index:06d}_{_UNSAFE.sub('_', sample.key)[:80]}"
-
-    def save(seg: Segment, tag: str) -> dict:
-        rel = f"{image_dir}/{stem}_{tag}.png"
-        image = seg.load_image()
-        if image.mode != "RGB":
-            image = image.convert("RGB")  # the format is RGB; the reader converts anyway
-        image.save(out / rel, format="PNG")
-        return {"type": "image", "image": rel}
-
-    def check_plain(text: str, what: str) -> str:
-        for reserved in RESERVED_STRINGS:
-            if reserved in text:
-                raise DataError(f"{what} text contains the reserved string {reserved!r}")
-        return text
-
-    user = []
-    for j, seg in enumerate(sample.question):
-        if seg.kind == "image":
-            user.append(save(seg, f"q{j}"))
-        else:
-            user.append({"type": "text", "text": check_plain(seg.text, "question")})
-
-    assistant: list[dict] = []
-    text = ""
-    n_aux = 0
-    for seg in sample.reasoning:
-        if seg.kind == "aux_image":
-            # The placeholder ends the preceding text item, right before the image (§1.2).
-            assistant.append({"type": "text", "text": text + LATENT_PLACEHOLDER})
-            assistant.append(save(seg, f"aux{n_aux}"))
-            n_aux += 1
-            text = ""
-        elif seg.kind == "observation":
-            text += OBS_START + check_plain(seg.text, "observation") + OBS_END
-        else:
-            text += check_plain(seg.text, seg.kind)
-    if text:
-        assistant.append({"type": "text", "text": text})
-
-    metadata: dict[str, Any] = {"dataset_name": sample.dataset_name, "sample_id": sample.sample_id}
-    if sample.choices is not None:
-        metadata["choices"] = list(sample.choices)
-    if sample.category is not None:
-        metadata["category"] = sample.category
-    if sample.meta:
-        metadata["meta"] = sample.meta
-    return {
-        "data": [
-            {"role": "system", "content": [{"type": "text", "text": sample.system}]},
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": assistant},
-        ],
-        "metadata": metadata,
-    }
-
-
 __all__ = [
     "BOXED_INSTRUCTION",
     "DataError",
@@ -819,5 +744,4 @@ __all__ = [
     "read_monet_sft_with_report",
     "validate",
     "validate_sample",
-    "write_monet_sft",
 ]

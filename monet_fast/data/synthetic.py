@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from monet_fast.data.reader import write_monet_sft
 from monet_fast.data.types import Sample, Segment
+from monet_fast.data.writer import write_monet_sft
 
 # Saturated, well-separated colours (pairwise RGB distance > 100, chroma > 120) on a grey
 # background (chroma ~0), so "which colour is this pixel" is never ambiguous.

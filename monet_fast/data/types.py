@@ -11,6 +11,7 @@ from typing import Literal
 
 from PIL import Image
 
+from monet_fast.data.errors import DataError
 from monet_fast.data.images import open_rgb
 
 SegmentKind = Literal["text", "image", "aux_image", "observation", "answer"]
@@ -77,13 +78,22 @@ class Sample:
 
     @property
     def question_images(self) -> list[Image.Image]:
-        """Question images in order (loaded from disk if the sample was read lazily)."""
-        return [s.load_image() for s in self.question if s.kind == "image"]
+        """Question images in order (loaded from disk if the sample was read lazily).
+
+        A bad file raises `DataError` naming the image and this sample's source and sample_id.
+        """
+        return self._load([s for s in self.question if s.kind == "image"])
 
     @property
     def aux_images(self) -> list[Image.Image]:
         """Auxiliary images in order (loaded from disk if the sample was read lazily)."""
-        return [s.load_image() for s in self.reasoning if s.kind == "aux_image"]
+        return self._load([s for s in self.reasoning if s.kind == "aux_image"])
+
+    def _load(self, segments: list[Segment]) -> list[Image.Image]:
+        try:
+            return [s.load_image() for s in segments]
+        except DataError as err:
+            raise err.at_source(self.source, self.sample_id) from None
 
     @property
     def key(self) -> str:

@@ -25,7 +25,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         judge=judge,
     )
-    samples = read_benchmark(args.bench, args.data, limit=args.limit, load_images=True)
+    samples = read_benchmark(
+        args.bench,
+        args.data,
+        limit=args.limit,
+        load_images=True,
+        allow_outside_root=args.allow_outside_root,
+    )
     model, processor = load_pretrained(args.model)
     out = Path(args.out)
     report = evaluate(
@@ -51,6 +57,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("--data", required=True, help="local copy of the benchmark (see docs)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items")
+    p.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="accept image paths that are absolute or lead out of the data folder (trusted data)",
+    )
     p.add_argument("--latent-size", type=int, default=None, help="K (default: model config)")
     p.add_argument(
         "--intervention",

@@ -62,6 +62,9 @@ Supported layouts (first match wins):
 Real-benchmark samples get `MONET_EVAL_SYSTEM`, the system prompt the Monet authors evaluated
 with (it asks for the answer in \\boxed{}); pass `system=` to override. Every malformed file or
 row raises `DataError` naming the file and row; a missing file names the file the layout expects.
+Image files named by a question file must lie inside that file's folder (no absolute paths, no
+`..` or symlink leading out; `monet_fast.data.paths`) unless `allow_outside_root=True`; images
+are checked like training images (`monet_fast.data.images`: empty, corrupt, pixel limit, mode).
 """
 
 from __future__ import annotations
@@ -71,8 +74,6 @@ import base64
 import binascii
 import csv
 import hashlib
-import io
-import json
 import os
 import random
 import re
@@ -83,10 +84,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from monet_fast.data.images import open_rgb
-from monet_fast.data.reader import DataError, read_monet_sft
+from monet_fast.data.errors import DataError
+from monet_fast.data.images import decode_rgb, open_rgb, probe_image
+from monet_fast.data.paths import check_inside_root, resolve_image_path
+from monet_fast.data.reader import parse_json, read_monet_sft
 from monet_fast.data.types import Sample, Segment
 
 BENCHMARKS: tuple[str, ...] = ("vstar", "hrbench4k", "hrbench8k", "mme-realworld-lite", "synthetic")
@@ -104,11 +107,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _PAREN_OPTION = re.compile(r"^\s*\(([A-Z])\)\s*(.*?)\s*$", re.DOTALL)
 # VLMEvalKit: an image field this short is the index of another row that holds the image.
 _IMAGE_REF_MAX_CHARS = 64
-
-# PIL refuses images over 2 * Image.MAX_IMAGE_PIXELS (~179 Mpx) as decompression bombs; some
-# high-resolution benchmark images are legitimately that large. We do not lift a process-global
-# safety limit behind the caller's back, but say how to.
-_BOMB_HINT = "(set PIL.Image.MAX_IMAGE_PIXELS = None to read trusted very large images)"
 
 _VSTAR_FILE = "test_questions.jsonl"
 _VSTAR_CATEGORIES = ("direct_attributes", "relative_position")
@@ -151,8 +149,7 @@ class EncodedImageSegment(Segment):
     def load_image(self) -> Image.Image:
         if self.image is not None:
             return self.image
-        with Image.open(io.BytesIO(self.data)) as im:
-            return im.convert("RGB")
+        return decode_rgb(self.data, self.path or "embedded image")
 
 
 def format_mc_question(question: str, choices: Sequence[str]) -> str:
@@ -169,6 +166,7 @@ def read_benchmark(
     *,
     load_images: bool = False,
     system: str | None = None,
+    allow_outside_root: bool = False,
 ) -> list[Sample]:
     """Read the first `limit` (all if None) questions of benchmark `name` from a local copy.
 
@@ -182,6 +180,12 @@ def read_benchmark(
             images) are checked, and pixels are decoded by `Segment.load_image()`.
         system: system prompt of the samples; None gives `MONET_EVAL_SYSTEM` for the real
             benchmarks and keeps the synthetic data's own.
+        allow_outside_root: accept image paths that are absolute or lead out of the question
+            file's folder (`..`, symlinks); refused by default.
+
+    Raises:
+        DataError: a missing layout, malformed file or row, bad image or image path (located).
+        ValueError: an unknown `name` or a negative `limit`.
     """
     if name not in BENCHMARKS:
         raise ValueError(f"benchmark must be one of {BENCHMARKS}, got {name!r}")
@@ -190,7 +194,12 @@ def read_benchmark(
     root = Path(data_dir)
     if not root.exists():
         raise DataError(f"data path does not exist; expected {_LAYOUT_HINTS[name]}", file=root)
-    opts = _Options(limit=limit, load_images=load_images, system=system or MONET_EVAL_SYSTEM)
+    opts = _Options(
+        limit=limit,
+        load_images=load_images,
+        system=system or MONET_EVAL_SYSTEM,
+        allow_outside_root=allow_outside_root,
+    )
     if name == "vstar":
         samples = _read_vstar(root, opts)
     elif name in _HRBENCH_FILES:
@@ -208,6 +217,7 @@ class _Options:
     limit: int | None
     load_images: bool
     system: str
+    allow_outside_root: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,17 +258,20 @@ def _check_unique_ids(samples: list[Sample]) -> None:
 
 
 def _file_image(path: Path, load: bool) -> Segment:
-    """An image segment for a file; raises DataError (without location) if missing/unreadable."""
-    if not path.is_file():
+    """An image segment for a file (path already root-checked); DataError if missing/unreadable."""
+    if not os.path.isfile(path):  # False (not OSError) for a name too long
         raise DataError(f"image file not found: {path}")
     if not load:
         return Segment("image", path=str(path))
+    return Segment("image", image=open_rgb(path), path=str(path))
+
+
+def _row_image_path(base: Path, value: Any, field: str, opts: _Options) -> Path:
+    """`base / value` for an image path read from a row, root-checked; errors name `field`."""
     try:
-        return Segment("image", image=open_rgb(path), path=str(path))
-    except Image.DecompressionBombError as err:
-        raise DataError(f"{path}: {err} {_BOMB_HINT}") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"cannot decode image {path} ({type(err).__name__}: {err})") from None
+        return resolve_image_path(base, value, allow_outside_root=opts.allow_outside_root)
+    except DataError as err:
+        raise err.located(None, None, None, field) from None
 
 
 def _encoded_image(value: Any, where: str, load: bool) -> Segment:
@@ -276,15 +289,9 @@ def _encoded_image(value: Any, where: str, load: bool) -> Segment:
         raise DataError(f"image column must be base64 text or bytes, got {type(value).__name__}")
     if not data:
         raise DataError("image column is empty")
-    try:
-        # Image.open reads the header only: cheap format check without decoding the pixels.
-        with Image.open(io.BytesIO(data)) as im:
-            if load:
-                return Segment("image", image=im.convert("RGB"), path=where)
-    except Image.DecompressionBombError as err:
-        raise DataError(f"{err} {_BOMB_HINT}") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"image column does not decode to an image ({err})") from None
+    if load:
+        return Segment("image", image=decode_rgb(data, where), path=where)
+    probe_image(data, where)  # the header only: format, pixel limit and mode, no decoding
     return EncodedImageSegment("image", path=where, data=data)
 
 
@@ -356,7 +363,9 @@ def _rows_to_samples(
         try:
             try:
                 samples.append(convert(row_index, row))
-            except (KeyError, TypeError, AttributeError) as err:
+            except DataError:
+                raise
+            except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as err:
                 raise DataError(f"malformed row ({type(err).__name__}: {err})") from err
         except DataError as err:
             raise err.located(path, row_index, _peek_id(row)) from None
@@ -383,6 +392,8 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"not UTF-8 text ({err})", file=path) from None
+    except OSError as err:
+        raise DataError(f"cannot read the file ({err})", file=path) from None
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
@@ -390,22 +401,16 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            yield row_index, json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"malformed JSON at line {row_index + 1} column {err.colno}: {err.msg}",
-                file=path,
-                row=row_index,
-            ) from None
+            yield row_index, parse_json(line, line_offset=row_index)
+        except DataError as err:
+            raise err.located(path, row_index, None) from None
 
 
 def _load_json_list(path: Path) -> list:
     try:
-        rows = json.loads(_read_text(path))
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"malformed JSON at line {err.lineno} column {err.colno}: {err.msg}", file=path
-        ) from None
+        rows = parse_json(_read_text(path))
+    except DataError as err:
+        raise err.located(path, None, None) from None
     if not isinstance(rows, list):
         raise DataError(f"expected a JSON list of questions, got {type(rows).__name__}", file=path)
     return rows
@@ -598,7 +603,7 @@ def _read_vstar_jsonl(path: Path, opts: _Options) -> list[Sample]:
         question, choices, instruction = _split_vstar_text(row["text"])
         category = row.get("category")
         return _mc_sample(
-            image=_file_image(base / row["image"], opts.load_images),
+            image=_file_image(_row_image_path(base, row["image"], "image", opts), opts.load_images),
             question=question,
             choices=choices,
             answer=row["label"],
@@ -628,13 +633,7 @@ def _read_vstar_folders(root: Path, opts: _Options) -> list[Sample]:
 
     def convert(row_index: int, item: tuple[str, Path]) -> Sample:
         category, json_path = item
-        try:
-            ann = json.loads(_read_text(json_path))
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"malformed JSON at line {err.lineno} column {err.colno}: {err.msg}",
-                file=json_path,
-            ) from None
+        ann = parse_json(_read_text(json_path))
         if not isinstance(ann, dict) or "question" not in ann or "options" not in ann:
             raise DataError('expected an object with "question" and "options"', file=json_path)
         options = ann["options"]
@@ -653,6 +652,8 @@ def _read_vstar_folders(root: Path, opts: _Options) -> list[Sample]:
                 f"no image next to the annotation (tried {json_path.stem}{'|'.join(IMAGE_SUFFIXES)})",
                 file=json_path,
             )
+        # A symlinked image may point anywhere: the same root rule as a path in a row.
+        check_inside_root(root, image_path, allow_outside_root=opts.allow_outside_root)
         rel = json_path.relative_to(root).as_posix()
         # options[0] is the correct one; a path-seeded shuffle gives stable, spread-out letters.
         order = list(range(len(options)))
@@ -757,9 +758,10 @@ def _read_mme_realworld_lite(root: Path, opts: _Options) -> list[Sample]:
         missing = [k for k in _MME_JSON_KEYS if k not in row]
         if missing:
             raise DataError(f"missing key(s) {missing} (keys: {sorted(row)})")
-        image_name = str(row["Image"])
-        tried = [base / "imgs" / image_name, base / image_name]
-        image_path = next((p for p in tried if p.is_file()), None)
+        image_name = row["Image"]
+        direct = _row_image_path(base, image_name, "Image", opts)  # type-checks the name first
+        tried = [_row_image_path(base, f"imgs/{image_name}", "Image", opts), direct]
+        image_path = next((p for p in tried if os.path.isfile(p)), None)
         if image_path is None:
             raise DataError(f"image file not found: tried {' and '.join(map(str, tried))}")
         task, subtask = str(row.get("Task", "")), str(row.get("Subtask", ""))
@@ -825,7 +827,9 @@ def _read_synthetic(root: Path, opts: _Options, system: str | None) -> list[Samp
                 file=root,
             )
         path = found[0]
-    samples = read_monet_sft(path, load_images=opts.load_images)
+    samples = read_monet_sft(
+        path, load_images=opts.load_images, allow_outside_root=opts.allow_outside_root
+    )
     if opts.limit is not None:
         samples = samples[: opts.limit]
     for sample in samples:

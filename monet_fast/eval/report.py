@@ -21,8 +21,13 @@ Report schema (`format` = "monet_fast.eval.report/1")::
                               "delta_vs_baseline", "delta_ci": [lo, hi], "n_paired",
                               "by_category": {cat: {"n", "correct", "accuracy"}},
                               "judge": {"asked", "correct", "errors"} | null,
+                              "judge_failures": int,  # items whose judge failed (scored wrong)
                               "collapse": {...collapse_metrics...} | null}},
+     "judge_failures": int,  # summed over interventions
      "categories": [...], "heatmap": {"intervention", "labels": [[sample, step]], "matrix"} | null}
+
+A judge failure on an item keeps the rule verdict (wrong: the judge is asked only about
+rule-wrong items), so it stays in `n` and in the accuracy; `judge_failures` says how many.
 """
 
 from __future__ import annotations
@@ -139,6 +144,7 @@ def build_report(
                 if judged
                 else None
             ),
+            "judge_failures": judged.count("error"),
             "collapse": collapse_metrics(run_traces) if run_traces is not None else None,
         }
 
@@ -165,6 +171,7 @@ def build_report(
         "n_boot": n_boot,
         "seed": seed,
         "interventions": runs,
+        "judge_failures": sum(r["judge_failures"] for r in runs.values()),
         "categories": sorted(categories),
         "heatmap": heatmap,
     }
@@ -247,6 +254,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"- {n}: asked {j['asked']}, judged correct {j['correct']}, errors {j['errors']}"
             for n, j in judged.items()
         ]
+        if report.get("judge_failures"):
+            lines += [
+                "",
+                f"Judge failures: {report['judge_failures']} item(s) kept their rule verdict "
+                "(wrong) and stay in the accuracy; see the log for sample ids and errors.",
+            ]
 
     categories = report.get("categories") or []
     if categories:

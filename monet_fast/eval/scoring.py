@@ -18,22 +18,20 @@ Latent blocks are reduced to `<abs_vis_token><latent></abs_vis_token>` first
 (`monet_fast.decode.collapse_latent_spans`, the reference's `replace_abs_vis_token_content`): the placeholder ids
 decoded inside a latent block are meaningless text.
 
-The LLM judge (`OpenAIJudge`) is off by default. When given, it is asked only about items the
-rules scored wrong, through any OpenAI-compatible `/chat/completions` endpoint, with the standard
-library only (no SDK). A judge that keeps failing leaves the rule verdict and marks the item
-`judge="error"`: one flaky request must not end a multi-hour evaluation.
+The LLM judge (`monet_fast.eval.judge.OpenAIJudge`, re-exported here) is off by default. When
+given, it is asked only about items the rules scored wrong. A judge that fails on an item (any
+exception: `JudgeError` after its retries, or an error of a plain-callable judge) is logged with
+the sample id, leaves the rule verdict -- so the item counts as WRONG, never dropped: dropping
+only rule-wrong items would inflate accuracy -- and marks the item `judge="error"`; the report
+counts these as `judge_failures`. One flaky request must not end a multi-hour evaluation.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
-import os
 import re
 import string
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -41,7 +39,10 @@ from typing import Any
 from monet_fast.data.reader import matching_brace
 from monet_fast.data.types import Sample
 from monet_fast.decode.text import collapse_latent_spans
+from monet_fast.eval.judge import JUDGE_PROMPT, JudgeError, OpenAIJudge
 from monet_fast.model.tokens import ENDOFTEXT, IM_END
+
+logger = logging.getLogger(__name__)
 
 LETTERS = string.ascii_uppercase
 UNCATEGORIZED = "uncategorized"
@@ -310,8 +311,16 @@ def score_item(
         if sample.choices:
             gold_text = f"{gold}. {sample.choices[LETTERS.index(gold)]}"
         try:
-            verdict = judge(question_text(sample), clean_prediction(prediction_text), gold_text)
-        except JudgeError:
+            verdict = bool(
+                judge(question_text(sample), clean_prediction(prediction_text), gold_text)
+            )
+        except Exception as err:  # noqa: BLE001 (any judge failure: keep the rule verdict)
+            logger.warning(
+                "judge failed on sample %r (rule verdict kept: wrong): %s: %s",
+                sample.sample_id,
+                type(err).__name__,
+                err,
+            )
             item.judge = "error"
         else:
             item.judge = "correct" if verdict else "wrong"
@@ -360,130 +369,6 @@ def accuracy_by_category(
         "overall": entry(n, correct),
         "by_category": {k: entry(*totals[k]) for k in sorted(totals)},
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Optional LLM judge
-# --------------------------------------------------------------------------------------------
-
-JUDGE_PROMPT = (
-    "You are grading an answer to a visual question. Decide whether the model's final answer "
-    "means the same as the reference answer; ignore the reasoning, formatting and letter-vs-text "
-    "differences.\n\nQuestion:\n{question}\n\nReference answer: {gold}\n\nModel response:\n"
-    "{prediction}\n\nReply with exactly one word: yes or no."
-)
-_YES = {"yes", "correct", "true", "1", "right"}
-_NO = {"no", "incorrect", "false", "0", "wrong"}
-_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-
-
-class JudgeError(RuntimeError):
-    """The judge gave no usable verdict (after retries, or a non-retryable HTTP error)."""
-
-
-class OpenAIJudge:
-    """Yes/no answer-equivalence judge over an OpenAI-compatible chat-completions endpoint.
-
-    Args:
-        base_url: e.g. "http://localhost:8000/v1" (the request goes to base_url + "/chat/completions").
-        model: the served model name.
-        api_key_env: environment variable holding the API key; sent as a Bearer token when set
-            (the key itself is never stored on the object or logged). None sends no header.
-        timeout: seconds per request.
-        retries: extra attempts after a timeout, connection error or HTTP 408/409/425/429/5xx.
-        backoff: seconds before the first retry, doubled each time.
-        temperature, max_tokens: sampling of the verdict.
-        prompt: template with {question}, {gold} and {prediction}.
-    """
-
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        *,
-        api_key_env: str | None = "OPENAI_API_KEY",
-        timeout: float = 30.0,
-        retries: int = 2,
-        backoff: float = 1.0,
-        temperature: float = 0.0,
-        max_tokens: int = 8,
-        prompt: str = JUDGE_PROMPT,
-    ) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
-        if timeout <= 0 or retries < 0 or backoff < 0:
-            raise ValueError(
-                f"need timeout > 0, retries >= 0, backoff >= 0; got {timeout}, {retries}, {backoff}"
-            )
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
-        self.api_key_env = api_key_env
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self.temperature = temperature
-        self.max_tokens = max_tokens
-        self.prompt = prompt
-        self.n_requests = 0  # attempts made, for the report
-
-    def __repr__(self) -> str:
-        return f"OpenAIJudge(url={self.url!r}, model={self.model!r}, retries={self.retries})"
-
-    def __call__(self, question: str, prediction: str, gold: str) -> bool:
-        """True if the judge says the prediction matches `gold`; raises JudgeError otherwise."""
-        content = self.prompt.format(question=question, gold=gold, prediction=prediction)
-        reply = self._complete(content)
-        word = (
-            reply.strip().split(maxsplit=1)[0].strip(string.punctuation).lower()
-            if reply.strip()
-            else ""
-        )
-        if word in _YES:
-            return True
-        if word in _NO:
-            return False
-        raise JudgeError(f"judge reply is neither yes nor no: {reply[:80]!r}")
-
-    def _complete(self, content: str) -> str:
-        body = json.dumps(
-            {
-                "model": self.model,
-                "messages": [{"role": "user", "content": content}],
-                "temperature": self.temperature,
-                "max_tokens": self.max_tokens,
-            }
-        ).encode()
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        last_error = "no attempt made"
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            self.n_requests += 1
-            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = json.loads(response.read().decode("utf-8"))
-            except urllib.error.HTTPError as err:
-                last_error = f"HTTP {err.code} {err.reason}"
-                if err.code not in _RETRY_STATUS:
-                    raise JudgeError(f"{self.url}: {last_error} (not retried)") from None
-                continue
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                # socket timeouts surface as TimeoutError or URLError(reason=timeout).
-                last_error = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
-                continue
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise JudgeError(f"{self.url}: response is not JSON ({err})") from None
-            try:
-                return str(payload["choices"][0]["message"]["content"])
-            except (KeyError, IndexError, TypeError):
-                raise JudgeError(
-                    f"{self.url}: no choices[0].message.content in {str(payload)[:120]}"
-                ) from None
-        raise JudgeError(f"{self.url}: gave up after {self.retries + 1} attempts ({last_error})")
 
 
 __all__ = [

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from monet_fast.model.lora import DEFAULT_TARGET_MODULES, QUANTIZE_MODES
 
 STAGES: tuple[int, ...] = (1, 2, 3)
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
@@ -35,7 +39,26 @@ ZERO_STAGES: tuple[int, ...] = (0, 1, 2, 3)
 
 
 class ConfigError(ValueError):
-    """A config value or combination that training refuses; the message names the key."""
+    """A config value or combination that training refuses; the message names the key (and,
+    when loaded from a file, the file: `in_file`)."""
+
+    def in_file(self, source: str | None) -> ConfigError:
+        """The same error prefixed with the config file it came from (once)."""
+        text = str(self)
+        if source is None or text.startswith(source):
+            return self
+        return ConfigError(f"{source}: {text}")
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapters (peft) instead of full fine-tuning; only the adapters train."""
+
+    r: int = 16  # adapter rank
+    alpha: float = 32.0  # scale alpha / r
+    dropout: float = 0.05  # on the adapter input (training only)
+    # Qwen2.5-VL decoder projections; the vision tower gets none while model.freeze_vision.
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
 
 
 @dataclass
@@ -49,6 +72,8 @@ class ModelSection:
     gradient_checkpointing: bool = False  # stage 1 only (see `SFTRecipe` Raises)
     freeze_vision: bool = True  # reference: ViT + merger frozen in every SFT stage
     attn_implementation: str | None = None  # None = transformers' default (sdpa)
+    lora: LoraSection | None = None  # set (e.g. `lora: {r: 16}`) to train LoRA adapters only
+    quantize: str | None = None  # 4bit | 8bit: QLoRA base weights (bitsandbytes, CUDA, needs lora)
 
 
 @dataclass
@@ -61,6 +86,9 @@ class DataSection:
     start: int = 0  # synthetic: first sample index (disjoint splits)
     path: str | list[str] | None = None  # monet_sft: one train.json or a list of them
     root: str | None = None  # monet_sft: directory image paths are relative to
+    # true accepts image paths that are absolute or lead out of `root` (.., symlinks): only
+    # for trusted data; false refuses them with an error naming file, row and field.
+    allow_outside_root: bool = False
     on_error: str = "raise"  # raise | skip (skipped rows counted in data_report.json)
     limit: int | None = None  # keep the first N samples (after skipping)
     num_workers: int = 0  # DataLoader workers that collate (and read the teacher cache)
@@ -123,6 +151,7 @@ class TrainerSection:
     log_every: int = 1
     save_every: int = 0  # optimizer steps between checkpoints; 0 = final checkpoint only
     keep_last: int = 2  # checkpoints kept on disk (older ones deleted after a save)
+    shared_filesystem: bool = True  # false: each node keeps its own checkpoint copy (local disks)
     export: bool = True  # write a Hugging Face directory to <output>/hf at the end
     shuffle: bool = True  # reshuffle every epoch from (seed, epoch)
 
@@ -256,14 +285,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     if base is float:
         # YAML 1.1 reads "1e-5" (no dot) as a string; accept it as the number it means.
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an int beyond float range
+                pass
+        elif isinstance(value, str):
+            try:
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key} must be a number, got {value!r}")
+        # NaN passes every `< 0` check and inf every `> 0` one: refuse both here.
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return number
     if base is str:
         if isinstance(value, str):
             return value
@@ -310,8 +346,10 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
+        except (yaml.YAMLError, ValueError, RecursionError) as err:
+            # ValueError: an integer of more than 4300 digits (Python's int() limit).
+            shown = item if len(item) <= 80 else f"{item[:77]}..."
+            raise ConfigError(f"override {shown!r}: value is not valid YAML ({err})") from None
         node = values
         parts = key.split(".")
         for part in parts[:-1]:
@@ -335,27 +373,46 @@ def load_config(
 
     `stage` (the CLI's `--stage`) fills a config without one and must agree with one that has it.
     """
-    values: dict = {}
-    source = None
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-        try:
-            values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{p} is not valid YAML: {err}") from err
-        source = str(p)
-    values = apply_overrides(values, list(overrides or []))
-    if stage is not None:
-        if values.get("stage") is not None and values["stage"] != stage:
-            raise ConfigError(
-                f"--stage {stage} disagrees with stage: {values['stage']} in {source}; "
-                "use the config of the stage you train"
-            )
-        values["stage"] = stage
-    cfg = config_from_dict(values, source)
-    return cfg.validate()
+    values, source = read_yaml_config(path)
+    try:
+        values = apply_overrides(values, list(overrides or []))
+        if stage is not None:
+            if values.get("stage") is not None and values["stage"] != stage:
+                raise ConfigError(
+                    f"--stage {stage} disagrees with stage: {values['stage']} in {source}; "
+                    "use the config of the stage you train"
+                )
+            values["stage"] = stage
+        cfg = config_from_dict(values, source)
+        return cfg.validate()
+    except ConfigError as err:
+        raise err.in_file(source) from None
+
+
+def read_yaml_config(path: str | Path | None) -> tuple[dict, str | None]:
+    """(mapping, source path) of a YAML config file; ({}, None) for no file.
+
+    Raises FileNotFoundError for a missing file and ConfigError naming the file for one that
+    is not UTF-8, not YAML (with line and column) or not a mapping.
+    """
+    if path is None:
+        return {}, None
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+    try:
+        values = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p} is not UTF-8 text ({err})") from None
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: an int over 4300 digits
+        raise ConfigError(f"{p} is not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: YAML nested too deeply") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{p}: a config must be a YAML mapping, got {type(values).__name__}")
+    return values, str(p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,6 +450,41 @@ def _validate_data(d: DataSection, key: str) -> None:
         )
 
 
+def validate_adapters(m: ModelSection) -> None:
+    """model.lora / model.quantize (shared by the SFT and VLPO configs). The CPU refusal of
+    quantize does not import bitsandbytes."""
+    if m.lora is not None:
+        lo = m.lora
+        _positive("model.lora.r", lo.r)
+        _positive("model.lora.alpha", lo.alpha)
+        if not 0.0 <= lo.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {lo.dropout}")
+        if not lo.target_modules or not all(lo.target_modules):
+            raise ConfigError(
+                f"model.lora.target_modules must name modules, got {lo.target_modules!r}"
+            )
+    if m.quantize is None:
+        return
+    _one_of("model.quantize", m.quantize, QUANTIZE_MODES)
+    if m.lora is None:
+        raise ConfigError(
+            f"model.quantize {m.quantize} needs model.lora: a quantized base trains adapters "
+            "only (QLoRA); full fine-tuning of quantized weights is not supported"
+        )
+    if m.init is None:
+        raise ConfigError(
+            "model.quantize needs model.init (a checkpoint directory to load quantized); the "
+            "tiny model is built in code"
+        )
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"model.quantize {m.quantize} (QLoRA) needs a CUDA GPU: bitsandbytes' quantized "
+            "layers run on CUDA only; on CPU remove model.quantize (plain LoRA works)"
+        )
+
+
 def _validate(cfg: TrainConfig) -> None:
     if cfg.stage is None:
         raise ConfigError("stage is not set: pass --stage {1,2,3} or put `stage:` in the config")
@@ -414,6 +506,7 @@ def _validate(cfg: TrainConfig) -> None:
             "cache=None), which would silently cut every segment off its past. Set "
             "model.gradient_checkpointing=false for this stage."
         )
+    validate_adapters(m)
     if m.precision == "bf16":
         import torch
 
@@ -490,7 +583,7 @@ def _validate(cfg: TrainConfig) -> None:
     if ds.zero_stage is not None:
         _one_of("deepspeed.zero_stage", ds.zero_stage, ZERO_STAGES)
     p = cfg.resolved_deepspeed_json()
-    if p is not None and not p.is_file():
+    if p is not None and not os.path.isfile(p):  # False, not OSError, for a name too long
         raise ConfigError(f"deepspeed.config {str(p)!r} does not exist")
     if ds.offload_param and ds.zero_stage is not None and ds.zero_stage != 3:
         raise ConfigError("deepspeed.offload_param needs deepspeed.zero_stage 3")
@@ -515,4 +608,5 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "load_config",
+    "read_yaml_config",
 ]

@@ -64,7 +64,11 @@ def load_samples(d: DataSection) -> tuple[list[Sample], DataReport]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DataWarning)  # counted in the report instead
                 got, rep = read_monet_sft_with_report(
-                    p, d.root, on_error=d.on_error, load_images=False
+                    p,
+                    d.root,
+                    on_error=d.on_error,
+                    load_images=False,
+                    allow_outside_root=d.allow_outside_root,
                 )
                 reasons += [f"{p}: row {row}: {why}" for row, why in rep.skipped]
                 n_before = len(got)

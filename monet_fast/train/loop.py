@@ -528,6 +528,9 @@ class SFTRecipe:
 
         deepspeed = require("deepspeed", "training")
 
+        if not self.cfg.trainer.shared_filesystem:
+            # Every node writes the model states next to its own ZeRO shards (no shared disk).
+            self.ds_config.setdefault("checkpoint", {})["use_node_local_storage"] = True
         if self.rank == 0:
             (self.output / "deepspeed_config.json").write_text(
                 json.dumps(self.ds_config, indent=2), encoding="utf-8"
@@ -554,7 +557,8 @@ class SFTRecipe:
         logged)."""
         if self.resume is None:
             return fresh
-        root, tag = ckpt.resolve_resume(self.ckpt_root, self.resume)
+        leader = ckpt.is_leader(self.rank, self.dist.local_rank, self.cfg.trainer.shared_filesystem)
+        root, tag = ckpt.resolve_resume(self.ckpt_root, self.resume, leader=leader)
         saved = load(self.engine, root, tag)
         for note in ckpt.compare_progress(saved, fresh):
             logger.warning("resume: %s", note)
@@ -730,7 +734,8 @@ class SFTRecipe:
             self.progress,
             keep_last=self.cfg.trainer.keep_last,
             rank=self.rank,
-            barrier=_barrier,
+            local_rank=self.dist.local_rank,
+            shared_filesystem=self.cfg.trainer.shared_filesystem,
         )
         if self.metrics is not None:
             self.metrics.event("checkpoint", step=self.progress.global_step, path=str(path))

@@ -16,6 +16,14 @@ Format rules (`format_rule`):
   latent_boxed  additionally at least one latent block, every latent block closed, and a
                 parsable final answer (an option letter for multiple choice)
 
+Failures never stop training. A judge failure keeps the rule verdict (`judge="error"`, counted
+as `judge_failures` in the step record). Any other exception while computing one response's
+reward (a plug-in function, the rules on odd text) is caught by `safe_reward`, logged with the
+sample id, and gives a `RewardResult` with `error` set (reward 0, wrong, no format) that the
+step record counts as `reward_failures`; the recipe then drops that response's whole GRPO group
+from the update (`filtering.filter_groups`): a made-up 0 inside a group would hand the other
+responses an advantage they did not earn.
+
 Extra reward functions plug in by dotted path (`"my_pkg.rewards:brevity"`) or as callables:
 `fn(text: str, sample: Sample, info: RolloutInfo) -> float`, added with a weight.
 """
@@ -23,6 +31,7 @@ Extra reward functions plug in by dotted path (`"my_pkg.rewards:brevity"`) or as
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +40,8 @@ from typing import Any
 from monet_fast.data.types import Sample
 from monet_fast.eval import scoring
 from monet_fast.model.tokens import LATENT_END, LATENT_START
+
+logger = logging.getLogger(__name__)
 
 FORMAT_RULES: tuple[str, ...] = ("boxed", "latent_boxed")
 
@@ -56,6 +67,7 @@ class RewardResult:
     format_ok: bool
     judge: str | None = None  # None (not asked), "correct", "wrong" or "error"
     parts: dict[str, float] = field(default_factory=dict)
+    error: str | None = None  # set when the reward could not be computed (see safe_reward)
 
 
 RewardFn = Callable[[str, Sample, RolloutInfo], float]
@@ -164,6 +176,24 @@ class MonetReward:
         )
 
 
+def safe_reward(
+    reward_fn: Callable[[str, Sample, RolloutInfo], RewardResult],
+    text: str,
+    sample: Sample,
+    info: RolloutInfo,
+) -> RewardResult:
+    """`reward_fn(text, sample, info)`, or a failed `RewardResult` (reward 0, `error` set) if it
+    raises: logged with the sample id and the error, so one bad sample never ends a run."""
+    try:
+        return reward_fn(text, sample, info)
+    except Exception as err:  # noqa: BLE001 (any failure of one sample's reward is survivable)
+        error = f"{type(err).__name__}: {err}"
+        logger.warning(
+            "reward failed on sample %r (reward 0, counted): %s", sample.sample_id, error
+        )
+        return RewardResult(reward=0.0, correct=False, format_ok=False, error=error)
+
+
 def build_judge(
     base_url: str | None,
     model: str | None,
@@ -177,9 +207,12 @@ def build_judge(
         return None
     if not model:
         raise ValueError("reward.judge.base_url is set but reward.judge.model is not")
-    return scoring.OpenAIJudge(
-        base_url, model, api_key_env=api_key_env, timeout=timeout, retries=retries
-    )
+    try:
+        return scoring.OpenAIJudge(
+            base_url, model, api_key_env=api_key_env, timeout=timeout, retries=retries
+        )
+    except ValueError as err:  # e.g. a key refused over plain http: name the config section
+        raise ValueError(f"reward.judge: {err}") from None
 
 
 __all__ = [
@@ -194,4 +227,5 @@ __all__ = [
     "latent_block_bonus",
     "latent_blocks_well_formed",
     "resolve_reward_fn",
+    "safe_reward",
 ]

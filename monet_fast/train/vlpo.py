@@ -56,6 +56,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -404,7 +405,7 @@ def _validate_rl(cfg: RLConfig) -> None:
     if ds.zero_stage is not None:
         _one_of("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2, 3))
     p = cfg.resolved_deepspeed_json()
-    if p is not None and not p.is_file():
+    if p is not None and not os.path.isfile(p):  # False, not OSError, for a name too long
         raise ConfigError(f"deepspeed.config {str(p)!r} does not exist")
 
 
@@ -600,6 +601,9 @@ class VLPORecipe(SFTRecipe):
           RL step's prompts;
         - a DeepSpeed JSON that defines optimizer/scheduler or contradicts the config;
         - existing checkpoints in the output directory without --resume, or --resume with none.
+    A reward that raises on a response is logged and counted (`reward_failures`) and its group is
+    not trained on (`rewards.safe_reward`); RuntimeError only when it fails on every response
+    of a step.
     """
 
     def __init__(self, cfg: RLConfig, *, resume: str | None = None) -> None:
@@ -968,6 +972,13 @@ class VLPORecipe(SFTRecipe):
             "rollout_s": time.perf_counter() - t0,
         }
         n_kept = stats["groups_kept"]
+        if stats["reward_failures"] and stats["reward_failures"] == stats["responses"]:
+            # One bad sample is survivable (its group is dropped); every reward failing is a
+            # broken reward function that would otherwise skip every step in silence.
+            raise RuntimeError(
+                f"RL step {step + 1}: the reward failed on all {stats['responses']} responses "
+                "(each logged with its sample id); fix the reward function"
+            )
         if pool.reason != QUOTA_MET:
             logger.info("RL step %d: filter pool %s", step + 1, pool.reason)
         if n_kept < f.min_groups:

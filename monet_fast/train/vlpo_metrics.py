@@ -88,6 +88,7 @@ def rollout_stats(pool: GroupPool, reduce: Reduce) -> dict[str, Any]:
         "pool_reason": pool.reason,
         "tokens": int(tok_sum),
         "prompts": int(n_groups),
+        "responses": int(n),
         # Rollouts whose reward raised (reward 0, group not trained on; rewards.safe_reward) and
         # whose judge failed (rule verdict kept); both logged per sample.
         "reward_failures": int(n_fail),
