@@ -20,7 +20,8 @@ functions fall back to when Triton cannot run: tensors not on CUDA and TRITON_IN
 (the interpreter must be enabled before this module is imported, because `@triton.jit`
 decides at definition time), or float64 inputs (computed in float64, e.g. for gradcheck).
 
-Layout follows Liger-Kernel's ops files (kernels -> launchers -> autograd.Function).
+Layout follows Liger-Kernel's ops files (kernels -> launchers); the torch.library custom ops
+and their autograd formulas are in `kernels/ops.py`.
 Reference semantics: Monet `RL/verl/workers/actor/dp_actor.py::compute_latent_log_probs` and
 `RL/verl/trainer/core_algos.py::compute_policy_loss` (see REFERENCE.md §5.2-5.3).
 """
@@ -34,7 +35,6 @@ import torch
 import triton
 import triton.language as tl
 from monet_fast.kernels.tiles import INTERPRETER, device_arch, row_launch
-from torch.autograd.function import once_differentiable
 
 # The policy-loss log-ratio is clamped to +-10 before exp, as in the reference (avoids inf/NaN).
 _LOG_RATIO_LIMIT = tl.constexpr(10.0)
@@ -402,25 +402,6 @@ def gaussian_logprob_backward(
     return dz, dmu
 
 
-class GaussianLogProbFunction(torch.autograd.Function):
-    """autograd wrapper: forward and backward kernels; z / mu gradients only where required."""
-
-    @staticmethod
-    def forward(ctx, z, mu, sigma: float, include_constant: bool):
-        ctx.sigma = sigma
-        ctx.save_for_backward(z, mu)
-        return gaussian_logprob_forward(z, mu, sigma, include_constant)
-
-    @staticmethod
-    @once_differentiable  # the kernels' gradients carry no graph: refuse double backward loudly
-    def backward(ctx, grad):
-        z, mu = ctx.saved_tensors
-        dz, dmu = gaussian_logprob_backward(
-            z, mu, grad, ctx.sigma, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        )
-        return dz, dmu, None, None
-
-
 # ----------------------------------------------------------------------------------------------
 # Latent policy loss.
 # ----------------------------------------------------------------------------------------------
@@ -517,37 +498,6 @@ def latent_policy_loss_forward(
             num_warps=num_warps,
         )
     return loss, logp, ratio, dloss, clipped.view(torch.bool), dual.view(torch.bool)
-
-
-class LatentPolicyLossFunction(torch.autograd.Function):
-    """autograd wrapper. Outputs (loss, logp, ratio, clipped, dual_clipped), flat [N]; loss and
-    logp are differentiable and share one backward pass over z and mu."""
-
-    @staticmethod
-    def forward(ctx, mu, z, old_logp, advantages, mask, sigma, clip_low, clip_high, dual):
-        loss, logp, ratio, dloss, clipped, dual_clipped = latent_policy_loss_forward(
-            mu, z, old_logp, advantages, mask, sigma, clip_low, clip_high, dual
-        )
-        ctx.sigma = sigma
-        ctx.save_for_backward(z, mu, dloss)
-        ctx.mark_non_differentiable(ratio, clipped, dual_clipped)
-        ctx.set_materialize_grads(False)
-        return loss, logp, ratio, clipped, dual_clipped
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_loss, g_logp, *_):
-        z, mu, dloss = ctx.saved_tensors
-        need_dmu, need_dz = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if g_loss is None and g_logp is None:
-            return (None,) * 9
-        if g_loss is None:  # only logp was used downstream (e.g. a KL term alone)
-            dz, dmu = gaussian_logprob_backward(z, mu, g_logp, ctx.sigma, need_dz, need_dmu)
-        else:
-            dz, dmu = gaussian_logprob_backward(
-                z, mu, g_loss, ctx.sigma, need_dz, need_dmu, row_scale=dloss, grad2=g_logp
-            )
-        return (dmu, dz) + (None,) * 7
 
 
 # ----------------------------------------------------------------------------------------------
@@ -665,7 +615,8 @@ def gaussian_logprob(
     _check_pair(z, mu)
     if not _use_triton(z, mu):
         return gaussian_logprob_reference(z, mu, sigma, include_constant)
-    return GaussianLogProbFunction.apply(z, mu, sigma, bool(include_constant))
+    # Custom op (kernels/ops.py) with its autograd formula: one node for torch.compile.
+    return torch.ops.monet_fast.gaussian_logprob_fwd(z, mu, sigma, bool(include_constant))
 
 
 def latent_policy_loss(
@@ -722,7 +673,7 @@ def latent_policy_loss(
             return_stats=return_stats,
         )
     batch = mu.shape[:-1]
-    loss, logp, ratio, clipped, dual = LatentPolicyLossFunction.apply(
+    loss, logp, ratio, _, clipped, dual = torch.ops.monet_fast.latent_policy_loss_fwd(
         mu,
         z,
         _per_step("old_logp", old_logp, batch, mu.device),

@@ -15,7 +15,8 @@ BLOCK_N key columns by the min/max of its interval ends and classifies every (qu
 tile) pair as skip (no allowed pair), full (all pairs allowed: no mask arithmetic) or partial,
 then turns the classes into per-tile index lists (as FlexAttention's BlockMask does) so that
 kernel loops run without branches and skipped tiles cost nothing. Forward and backward reuse
-the plan (it is kept in the autograd context, and reused across layers for the same mask).
+the plan (memoised on the mask tensors: the backward and the other layers find it again).
+The autograd formula and the torch.library registration live in `kernels/ops.py`.
 
 Credits: online softmax and the backward split (delta preprocess, dK/dV per key tile, dQ per
 query tile) follow FlashAttention-2 (Dao, arXiv 2307.08691) and the Triton fused-attention
@@ -520,9 +521,13 @@ class LatentMaskPlan:
 # ---------------------------------------------------------------------------------------------
 
 
+# Decided when the kernels were defined (TRITON_INTERPRET read by @triton.jit at import); a
+# constant, so torch.compile traces `_interpreting()` without looking at the kernel object.
+_INTERPRETING = not isinstance(_latent_attention_forward_kernel, JITFunction)
+
+
 def _interpreting() -> bool:
-    # Decided when the kernels were defined (TRITON_INTERPRET read by @triton.jit at import).
-    return not isinstance(_latent_attention_forward_kernel, JITFunction)
+    return _INTERPRETING
 
 
 def block_config(
@@ -619,21 +624,18 @@ def latent_attention_backward(
     return dq, dk, dv
 
 
-class LatentAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: forward saves (q, k, v, O, LSE); the plan rides along in ctx."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, plan: LatentMaskPlan, scale: float, config: BlockConfig):
-        o, lse = latent_attention_forward(q, k, v, plan, scale, config)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.plan, ctx.scale, ctx.config = plan, scale, config
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = latent_attention_backward(do, q, k, v, o, lse, ctx.plan, ctx.scale, ctx.config)
-        return dq, dk, dv, None, None, None
+def _apply_kernels(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked_rows: torch.Tensor | None,
+    q_offset: int, kv_lens: torch.Tensor | None, scale: float,
+    block_sizes: tuple[int, int] | None,
+) -> torch.Tensor:  # fmt: skip
+    """The custom op `monet_fast::latent_attention_fwd` (kernels/ops.py; autograd registered
+    there), which builds or reuses the tile plan of this mask inside."""
+    bm, bn = block_sizes if block_sizes is not None else (0, 0)
+    out, _ = torch.ops.monet_fast.latent_attention_fwd(
+        q, k, v, masked_rows, kv_lens, int(q_offset), scale, bm, bn
+    )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -748,9 +750,4 @@ def latent_attention(
     use_triton = q.is_cuda or (_interpreting() and q.device.type == "cpu")
     if not use_triton:
         return latent_attention_reference(q, k, v, masked_rows, q_offset, kv_lens, scale)
-    if Sq == 0 or k.shape[2] == 0:
-        return torch.zeros_like(q)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    plan = _get_plan(masked_rows, kv_lens, B, Sq, k.shape[2], q_offset, q.device)
-    config = block_config(D, block_sizes, q.dtype, q.device)
-    return LatentAttentionFunction.apply(q, k, v, plan, scale, config)
+    return _apply_kernels(q, k, v, masked_rows, q_offset, kv_lens, scale, block_sizes)

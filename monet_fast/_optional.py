@@ -23,6 +23,8 @@ from types import ModuleType
 # import name -> (distribution name, extra of monet_fast that installs it, or None if none does)
 OPTIONAL: dict[str, tuple[str, str | None]] = {
     "deepspeed": ("deepspeed", "train"),
+    "peft": ("peft", "lora"),
+    "bitsandbytes": ("bitsandbytes", None),
     "matplotlib": ("matplotlib", "plots"),
     "triton": ("triton", "kernels"),
     "flash_attn": ("flash-attn", None),

@@ -272,7 +272,7 @@ def test_falls_back_to_reference_without_triton_backend(monkeypatch):
     def no_kernel(*args):
         raise AssertionError("the Triton path must not run")
 
-    monkeypatch.setattr(la.LatentAttentionFunction, "apply", no_kernel)
+    monkeypatch.setattr(la, "_apply_kernels", no_kernel)
     q, k, v = qkv(2, 4, 2, 30, 30, 64, torch.float32)
     mr = random_masked_rows(2, 30, "stage2")
     torch.testing.assert_close(latent_attention(q, k, v, mr, kv_lens=torch.tensor([30, 17])), latent_attention_reference(q, k, v, mr, kv_lens=torch.tensor([30, 17])))  # fmt: skip

@@ -515,7 +515,6 @@ def test_shipped_configs_load_and_the_7b_one_mirrors_the_reference():
         (["filter.acc_low=0.7"], "acc_low < acc_high"),
         (["filter.max_extra_rollouts=-1"], "filter.max_extra_rollouts must be >= 0"),
         (["rollout.top_p=0"], "top_p"),
-        (["model.gradient_checkpointing=true"], "gradient_checkpointing"),
         (["reward.functions=[{name: nodots}]"], "package.module:function"),
         (["reward.judge.base_url=http://localhost:1/v1"], "judge.model"),
         (["rollout.groupsize=4"], "did you mean 'group_size'"),

@@ -643,7 +643,11 @@ _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def decoder_for(model, processor) -> LatentDecoder:
-    """The cached LatentDecoder of `model` (graphs survive across generate() calls)."""
+    """The cached LatentDecoder of `model` (graphs survive across generate() calls); a peft
+    wrapper decodes through its base model, which runs with the adapters."""
+    from monet_fast.model.lora import unwrap
+
+    model = unwrap(model)
     decoder = _DECODERS.get(model)
     if decoder is None or decoder.processor is not processor:
         decoder = LatentDecoder(model, processor)

@@ -26,7 +26,6 @@ mask is built as for "sdpa" and the attention runs SDPA with it (combined with m
 
 from __future__ import annotations
 
-import functools
 import importlib
 from types import ModuleType
 
@@ -40,12 +39,19 @@ from monet_fast._optional import require
 ATTN_IMPLEMENTATION = "monet_latent"
 
 
-@functools.cache
+_KERNELS: ModuleType | None = None
+
+
 def _kernels() -> ModuleType:
     """monet_fast.kernels.latent_attention, imported on first use: it needs Triton, which is not
-    installed everywhere (no wheels off Linux), and importing the model must not need it."""
-    require("triton", f"the {ATTN_IMPLEMENTATION!r} attention (Triton kernels)")
-    return importlib.import_module("monet_fast.kernels.latent_attention")
+    installed everywhere (no wheels off Linux), and importing the model must not need it.
+    A plain global (not functools.cache) so that torch.compile reads it as a constant once
+    `use_latent_attention` has imported it."""
+    global _KERNELS
+    if _KERNELS is None:
+        require("triton", f"the {ATTN_IMPLEMENTATION!r} attention (Triton kernels)")
+        _KERNELS = importlib.import_module("monet_fast.kernels.latent_attention")
+    return _KERNELS
 
 
 def latent_attention(*args, **kwargs) -> torch.Tensor:
@@ -87,6 +93,8 @@ def latent_mask(
     valid = attention_mask[:, :kv_length].to(torch.bool)
     if valid.shape[-1] < kv_length:  # positions beyond the 2-D mask are valid, as in sdpa_mask
         valid = torch.nn.functional.pad(valid, (0, kv_length - valid.shape[-1]), value=True)
+    if torch.compiler.is_compiling():
+        return valid  # no data-dependent branch in a compiled graph: always fold the padding
     # One host sync per forward (the mask is built once, not per layer), to keep the
     # unpadded case on the kernel's mask-free path.
     return None if bool(valid.all()) else valid
@@ -100,10 +108,15 @@ _last_combined: tuple[object, int | None, torch.Tensor, torch.Tensor] | None = N
 def _with_key_padding(masked_rows: torch.Tensor | None, key_valid: torch.Tensor) -> torch.Tensor:
     """Fold a 2-D key-validity mask into masked_rows: padding columns mask every row."""
     global _last_combined
-    try:
-        version = masked_rows._version if masked_rows is not None else 0
-    except RuntimeError:  # an inference tensor has no version counter: no safe memo
+    if torch.compiler.is_compiling():
+        # Traced graphs get no Python-side memo (each layer folds the padding itself, and the
+        # op then builds one tile plan per layer); version None skips the memo below.
         version = None
+    else:
+        try:
+            version = masked_rows._version if masked_rows is not None else 0
+        except RuntimeError:  # an inference tensor has no version counter: no safe memo
+            version = None
     if _last_combined is not None and version is not None:
         # key_valid is built by `latent_mask` once per forward and never modified: its
         # identity is enough.
@@ -119,7 +132,8 @@ def _with_key_padding(masked_rows: torch.Tensor | None, key_valid: torch.Tensor)
         mr = masked_rows[:, :Sk].to(device=key_valid.device, dtype=torch.int32).expand(B, Sk, 4)
     padding = torch.tensor(_kernels().PADDING_COLUMN, dtype=torch.int32, device=key_valid.device)
     combined = torch.where(key_valid[..., None], mr, padding)
-    _last_combined = (masked_rows, version, key_valid, combined)
+    if version is not None:
+        _last_combined = (masked_rows, version, key_valid, combined)
     return combined
 
 
@@ -177,6 +191,7 @@ def use_latent_attention(model: torch.nn.Module) -> torch.nn.Module:
     """Switch the language model of `model` (Qwen2.5-VL or a text-only HF model) to
     "monet_latent"; a vision tower keeps its attention. Returns the model."""
     register_latent_attention()
+    _kernels()  # import the kernels (and register the custom ops) now, outside any compile
     if "text_config" in getattr(model.config, "sub_configs", {}):
         model.set_attn_implementation({"text_config": ATTN_IMPLEMENTATION})
     else:

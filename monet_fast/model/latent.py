@@ -35,8 +35,9 @@ from transformers import DynamicCache
 from monet_fast._compat import cache_kwarg
 from monet_fast.model import sequence as seq
 from monet_fast.model.attention import ATTN_IMPLEMENTATION
+from monet_fast.model.cache_checkpoint import cache_safe_checkpointing, checkpointing_requested
 from monet_fast.model.config import LATENT_LAYOUTS
-from monet_fast.model.losses import LatentGate, LossConfig, stage_loss, weighted_ce_sum
+from monet_fast.model.losses import LatentGate, LossConfig, head_weighted_ce_sum, stage_loss
 
 
 @dataclass
@@ -241,6 +242,7 @@ def latent_forward(
     return_logits: bool = False,
     return_hidden: bool = False,
     teacher_layers: list[int] | None = None,
+    checkpoint: bool | None = None,
 ) -> LatentForwardOutput:
     """Run a collated batch through the model with latent feedback and compute the stage losses.
 
@@ -260,7 +262,13 @@ def latent_forward(
       token logits off them without materialising [B, L, V] logits.
     teacher_layers: hidden-state indices the teacher tensors hold (a cached layer subset); the
       alignment then compares those layers of the student only. None = all layers.
+    checkpoint: gradient-checkpoint every decoder layer, keeping the KV cache across the
+      recompute (`monet_fast.model.cache_checkpoint`); None = whenever transformers' gradient
+      checkpointing was enabled on the model. Only acts in training mode with grad enabled.
     """
+    from .lora import unwrap
+
+    model = unwrap(model)  # a peft wrapper: its base model runs with the adapters
     stage = stage or batch["stage"]
     seq.check_stage(stage)
     cfg = loss_config or LossConfig()
@@ -330,33 +338,36 @@ def latent_forward(
             override[b, aligned.col[b][lay.slot_positions].to(device)] = latents[b].to(
                 device, embeds.dtype
             )
-    for chunk in aligned.chunks:
-        if chunk[0] == "text":
-            c0, c1 = chunk[1], chunk[2]
-            x = embeds[:, c0:c1]
-        else:
-            c0 = chunk[1]
-            c1 = c0 + 1
-            has = aligned.valid[:, c0].to(device)
-            fed = last[:, -1] if override is None else override[:, c0]
-            fed = LatentGate.apply(fed, gate_state)
-            step_inputs.append(fed)
-            slot_rows.append(has)
-            x = torch.where(has.view(-1, 1), fed, embeds[:, c0]).unsqueeze(1)
-        need = [c for c in range(c0, c1) if c in state_index]
-        out = lm(
-            inputs_embeds=x,
-            position_ids=positions[:, :, c0:c1],
-            **attention_kwargs(c0, c1),
-            **{cache_kw: cache},
-            use_cache=True,
-            output_hidden_states=bool(need),
-        )
-        last = out.last_hidden_state
-        hidden_chunks.append(last)
-        if need:
-            local = torch.tensor([c - c0 for c in need], device=device)
-            state_chunks.append(tuple(h.index_select(1, local) for h in out.hidden_states))
+    if checkpoint is None:
+        checkpoint = checkpointing_requested(lm.layers)
+    with cache_safe_checkpointing(lm.layers, cache, cache_kw, enabled=checkpoint):
+        for chunk in aligned.chunks:
+            if chunk[0] == "text":
+                c0, c1 = chunk[1], chunk[2]
+                x = embeds[:, c0:c1]
+            else:
+                c0 = chunk[1]
+                c1 = c0 + 1
+                has = aligned.valid[:, c0].to(device)
+                fed = last[:, -1] if override is None else override[:, c0]
+                fed = LatentGate.apply(fed, gate_state)
+                step_inputs.append(fed)
+                slot_rows.append(has)
+                x = torch.where(has.view(-1, 1), fed, embeds[:, c0]).unsqueeze(1)
+            need = [c for c in range(c0, c1) if c in state_index]
+            out = lm(
+                inputs_embeds=x,
+                position_ids=positions[:, :, c0:c1],
+                **attention_kwargs(c0, c1),
+                **{cache_kw: cache},
+                use_cache=True,
+                output_hidden_states=bool(need),
+            )
+            last = out.last_hidden_state
+            hidden_chunks.append(last)
+            if need:
+                local = torch.tensor([c - c0 for c in need], device=device)
+                state_chunks.append(tuple(h.index_select(1, local) for h in out.hidden_states))
 
     hidden = torch.cat(hidden_chunks, dim=1)  # [B, L', H], post-norm
 
@@ -384,9 +395,12 @@ def latent_forward(
         targets.append(labels[b, t])
         weights.append(torch.where(obs_mask[b, t], obs_w, 1.0))
     rows_b, rows_c = torch.cat(rows_b).to(device), torch.cat(rows_c).to(device)
-    logits_rows = model.lm_head(hidden[rows_b, rows_c])
-    ce_sum, ce_weight = weighted_ce_sum(
-        logits_rows, torch.cat(targets).to(device), torch.cat(weights).to(device)
+    ce_sum, ce_weight = head_weighted_ce_sum(
+        model.lm_head,
+        hidden[rows_b, rows_c],
+        torch.cat(targets).to(device),
+        torch.cat(weights).to(device),
+        cfg.ce_chunk_size,
     )
     ce_loss = ce_sum / ce_weight.clamp_min(1.0)
 

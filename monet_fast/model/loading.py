@@ -107,6 +107,7 @@ def load_pretrained(
     *,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    quantize: str | None = None,
 ) -> tuple[Any, MonetProcessor]:
     """Load (model, processor) from a local checkpoint directory.
 
@@ -117,6 +118,8 @@ def load_pretrained(
         latent_size, latent_layout: override the saved latent config (K and layout).
         min_pixels, max_pixels: override the image budget of preprocessor_config.json (the
             stock Qwen2.5-VL-7B allows up to 12.8 M pixels, i.e. 16,384 tokens per image).
+        quantize: "4bit" | "8bit" loads the weights quantized by bitsandbytes (QLoRA; CUDA only,
+            placed on `device` or cuda:0 at load; see `monet_fast.model.lora.quantization_config`).
 
     Returns the stock `Qwen2_5_VLForConditionalGeneration` in eval mode and a MonetProcessor
     whose tokenizer has Monet's tokens; `model.config` carries the latent config with the
@@ -125,8 +128,19 @@ def load_pretrained(
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     p = check_checkpoint_dir(path)
+    extra: dict[str, Any] = {}
+    if quantize is not None:
+        import torch
+
+        from .lora import quantization_config
+
+        compute = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        extra["quantization_config"] = quantization_config(quantize, compute or torch.bfloat16)
+        # Quantized weights cannot be moved after loading: place them while loading.
+        extra["device_map"] = {"": str(device) if device is not None else "cuda:0"}
+        device = None
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        str(p), local_files_only=True, dtype=dtype if dtype is not None else "auto"
+        str(p), local_files_only=True, dtype=dtype if dtype is not None else "auto", **extra
     )
     processor = MonetProcessor.from_pretrained(p, min_pixels=min_pixels, max_pixels=max_pixels)
     tokenizer = processor.tokenizer
@@ -154,8 +168,17 @@ def load_pretrained(
     return model.eval(), processor
 
 
-def save_pretrained(model: Any, processor: MonetProcessor, path: str | os.PathLike) -> Path:
+def save_pretrained(
+    model: Any,
+    processor: MonetProcessor,
+    path: str | os.PathLike,
+    *,
+    state_dict: dict[str, Any] | None = None,
+) -> Path:
     """Write model (config.json + safetensors) and processor files to `path`, atomically.
+
+    state_dict: the weights to write instead of the model's own (e.g. LoRA merged into the base,
+    `monet_fast.model.lora.export_merged`), under the model's plain parameter names.
 
     Everything is written into a temporary sibling directory that is renamed into place only
     when complete, so an interrupted save never leaves a half-written checkpoint at `path`; an
@@ -171,7 +194,7 @@ def save_pretrained(model: Any, processor: MonetProcessor, path: str | os.PathLi
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     try:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), state_dict=state_dict)
         processor.save_pretrained(tmp)
         if target.exists():
             # Two renames: directories cannot be replaced by one os.replace when non-empty.

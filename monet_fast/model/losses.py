@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from monet_fast.model.chunked_ce import head_cross_entropy
+
 # Reference values (REFERENCE.md §2-4): observation CE factor 2.0 in stage 1, 4.0 in stages
 # 2 and 3; alignment weight 2.0; stage 2 routes alignment through the latents with weight 2.0.
 DEFAULT_OBS_WEIGHT = {"stage1": 2.0, "stage2": 4.0, "stage3": 4.0, "infer": 1.0}
@@ -36,6 +38,8 @@ class LossConfig:
     latent_proxy_weight: float = 2.0
     # "hidden" (default) | "reference": the axis of the alignment cosine, see alignment_per_sample.
     align_cosine: str = "hidden"
+    # Rows per chunk of the chunked linear + CE (`chunked_ce`: no [N, V] logits); 0 = plain.
+    ce_chunk_size: int = 0
 
     def obs_weight_for(self, stage: str) -> float:
         return DEFAULT_OBS_WEIGHT[stage] if self.obs_weight is None else self.obs_weight
@@ -45,6 +49,8 @@ class LossConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.ce_chunk_size < 0:
+            raise ValueError(f"ce_chunk_size must be >= 0 (0 = plain CE), got {self.ce_chunk_size}")
         _check_cosine(self.align_cosine)
 
 
@@ -62,6 +68,22 @@ def weighted_ce_sum(
         zero = logits.new_zeros((), dtype=torch.float32)
         return zero + logits.sum() * 0, zero
     ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    weights = weights.to(ce.dtype)
+    return (ce * weights).sum(), weights.sum()
+
+
+def head_weighted_ce_sum(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    chunk_size: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ w·ce, Σ w) of `head(hidden)` [N, H] against targets, fp32. chunk_size > 0: chunked
+    linear + CE (`chunked_ce.head_cross_entropy`, no [N, V] logits); 0: as `weighted_ce_sum`."""
+    if hidden.shape[0] == 0 or not chunk_size:
+        return weighted_ce_sum(head(hidden), targets, weights)
+    ce = head_cross_entropy(head, hidden, targets, chunk_size=chunk_size)
     weights = weights.to(ce.dtype)
     return (ce * weights).sum(), weights.sum()
 

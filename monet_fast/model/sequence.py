@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from monet_fast.latent_mask import masked_rows_from_spans
 from monet_fast.model import tokens as T
 
 if TYPE_CHECKING:  # data imports this module for collate; keep the runtime import one-way
@@ -279,24 +280,14 @@ def observation_label_mask(layout: SequenceLayout) -> list[bool]:
 def masked_rows_from_layout(
     layouts: Sequence[SequenceLayout], seq_len: int | None = None
 ) -> torch.Tensor:
-    """The compact stage-2 mask, int32 [B, L, 4] (see the module docstring)."""
+    """The compact stage-2 mask, int32 [B, L, 4] (see the module docstring), written by the
+    shared `monet_fast.latent_mask.masked_rows_from_spans` (also behind `mask_from_ids`)."""
     seq_len = seq_len or max(lay.length for lay in layouts)
-    rows = torch.zeros(len(layouts), seq_len, 4, dtype=torch.int32)
-    for b, lay in enumerate(layouts):
-        lo, hi = lay.valid
-        rows[b, :lo, 1] = seq_len  # left padding: (0, L, 0, 0)
-        rows[b, hi:, 1] = seq_len  # right padding
-        for blk in lay.latent_blocks:
-            if blk.aux_image is None:
-                continue
-            i0, i1 = blk.aux_image
-            a0, a1 = blk.slots
-            cols = torch.arange(i0, i1, dtype=torch.int32)
-            rows[b, i0:i1, 0] = cols
-            rows[b, i0:i1, 1] = a0
-            rows[b, i0:i1, 2] = a1
-            rows[b, i0:i1, 3] = seq_len
-    return rows
+    pairs = [
+        [(blk.aux_image, blk.slots) for blk in lay.latent_blocks if blk.aux_image is not None]
+        for lay in layouts
+    ]
+    return masked_rows_from_spans(pairs, [lay.valid for lay in layouts], seq_len)
 
 
 def allowed_mask(

@@ -69,7 +69,9 @@ class ModelSection:
     tiny_seed: int | None = None  # build `tiny_model(seed)` when init is None (tiny configs)
     latent_size: int = 8  # K latent slots per auxiliary image; exported in config.json
     precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
-    gradient_checkpointing: bool = False  # stage 1 only (see `SFTRecipe` Raises)
+    # Every stage and VLPO; stages 2/3 and the VLPO replay keep the KV cache across the recompute
+    # (monet_fast.model.cache_checkpoint).
+    gradient_checkpointing: bool = False
     freeze_vision: bool = True  # reference: ViT + merger frozen in every SFT stage
     attn_implementation: str | None = None  # None = transformers' default (sdpa)
     lora: LoraSection | None = None  # set (e.g. `lora: {r: 16}`) to train LoRA adapters only
@@ -119,6 +121,9 @@ class LossSection:
     # Axis of the alignment cosine: hidden (default, cos between hidden vectors) | reference
     # (the reference's cosine over the position axis, what the released checkpoints used).
     align_cosine: str = "hidden"
+    # CE without [N, V] logits: rows per chunk of the chunked linear + cross-entropy
+    # (monet_fast.model.chunked_ce, equal to the plain loss in fp32); 0 = plain full-vocab logits.
+    ce_chunk_size: int = 0
     # True: <observation>/</observation> carry CE, so the model learns to open an observation
     # after a latent block at inference. The reference ignores them (False).
     observation_tags: bool = False
@@ -498,14 +503,6 @@ def _validate(cfg: TrainConfig) -> None:
             "no model: pass --init DIR (or model.init=DIR), or set model.tiny_seed to build the "
             "tiny test model"
         )
-    if m.gradient_checkpointing and cfg.stage != 1:
-        raise ConfigError(
-            "model.gradient_checkpointing is supported for stage 1 only: stages 2 and 3 run "
-            "the latent forward segment by segment over a KV cache, and transformers' "
-            "checkpointed layers drop the cache in training (GradientCheckpointingLayer sets "
-            "cache=None), which would silently cut every segment off its past. Set "
-            "model.gradient_checkpointing=false for this stage."
-        )
     validate_adapters(m)
     if m.precision == "bf16":
         import torch
@@ -549,6 +546,7 @@ def _validate(cfg: TrainConfig) -> None:
     from monet_fast.model.losses import ALIGN_COSINES
 
     _one_of("loss.align_cosine", lo.align_cosine, ALIGN_COSINES)
+    _positive("loss.ce_chunk_size", lo.ce_chunk_size, allow_zero=True)
 
     o = cfg.optim
     _one_of("optim.name", o.name, OPTIMIZERS)

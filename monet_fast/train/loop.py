@@ -56,6 +56,7 @@ from monet_fast.train.data import (
     micro_batch_loader,
     rank_micro_batches,
 )
+from monet_fast.train.lora import ADAPTER_DIR, export_lora, wrap_policy
 from monet_fast.train.metrics import MetricsLogger
 
 logger = logging.getLogger("monet_fast.train")
@@ -331,15 +332,15 @@ class SFTRecipe:
     """SFT on DeepSpeed: shared loop for stages 1-3 (subclasses in `sft.py` add the teacher).
 
     Features: ZeRO-2 by default (ZeRO-3 / CPU offload by config), bf16 on GPU and fp32 on CPU,
-    gradient checkpointing (stage 1), gradient accumulation with loss normalised by target tokens
-    over all micro-batches and ranks, LR warm-up + linear/cosine decay, frozen vision tower,
-    seeded deterministic data order, atomic periodic/final checkpoints, exact resume, HF export,
-    JSONL metrics + progress bar (+ TensorBoard / wandb).
+    gradient checkpointing (every stage; cache-safe in stages 2/3), gradient accumulation with
+    loss normalised by target tokens over all micro-batches and ranks, LR warm-up +
+    linear/cosine decay, frozen vision tower, seeded deterministic data order, atomic
+    periodic/final checkpoints, exact resume, HF export, JSONL metrics + progress bar
+    (+ TensorBoard / wandb).
 
     Raises (ConfigError, at construction or set-up):
         - stage not 1/2/3, or `--stage` disagreeing with the config's stage;
         - no model (neither model.init nor model.tiny_seed);
-        - gradient checkpointing for stages 2/3 (KV-cache segment forward; see config.py);
         - bf16 without a GPU;
         - a teacher for stage 1, or none for stages 2/3;
         - stage 3 from a model directory without teacher.model (the stage-2 model);
@@ -377,11 +378,13 @@ class SFTRecipe:
             align_weight=cfg.loss.align_weight,
             latent_proxy_weight=cfg.loss.latent_proxy_weight,
             align_cosine=cfg.loss.align_cosine,
+            ce_chunk_size=cfg.loss.ce_chunk_size,
         )
         self.obs_weight = self.loss_config.obs_weight_for(cfg.student_stage)
         self.engine = None
         self.metrics: MetricsLogger | None = None
         self.online_teacher = None
+        self.peft_model = None  # the PeftModel wrapper of self.model with model.lora
         self.teacher_cache = None
         self.teacher_layers: list[int] | None = None
 
@@ -433,25 +436,32 @@ class SFTRecipe:
         self.total_steps = cfg.scheduler.total_steps or tr.epochs * self.steps_per_epoch
         self.stop_step = tr.max_steps or tr.epochs * self.steps_per_epoch
 
-    def load_model(self, path: str | None) -> tuple[nn.Module, Any]:
-        """(model, processor) from a directory, or the tiny model when path is None."""
+    def load_model(self, path: str | None, quantize: str | None = None) -> tuple[nn.Module, Any]:
+        """(model, processor) from a directory, or the tiny model when path is None.
+        quantize: model.quantize (QLoRA base, loaded onto the device; the policy only)."""
         from monet_fast.model.config import LatentConfig, apply_latent_config
         from monet_fast.model.loading import load_pretrained
         from monet_fast.model.tiny import tiny_model
 
         cfg = self.cfg.model
         if path is not None:
-            model, processor = load_pretrained(path, dtype=self.dtype)
+            model, processor = load_pretrained(
+                path,
+                dtype=self.dtype,
+                quantize=quantize,
+                device=self.device if quantize else None,
+            )
         else:
             model, processor = tiny_model(cfg.tiny_seed, latent_size=cfg.latent_size)
-        model = model.to(self.dtype)
+        if quantize is None:  # quantized weights keep their storage dtype
+            model = model.to(self.dtype)
         if cfg.attn_implementation is not None:
             model.set_attn_implementation(cfg.attn_implementation)
         # K travels with the weights: the exported config.json carries it.
         apply_latent_config(
             model, LatentConfig.from_tokenizer(processor.tokenizer, latent_size=cfg.latent_size)
         )
-        return model.to(self.device), processor
+        return (model if quantize else model.to(self.device)), processor
 
     def setup(self) -> None:
         """Build everything: data, model, teacher, DeepSpeed engine; load a checkpoint if resuming."""
@@ -459,10 +469,13 @@ class SFTRecipe:
         self.setup_common()
         cfg = self.cfg
         t0 = time.perf_counter()
-        self.model, self.processor = self.load_model(cfg.model.init)
+        self.init_path = cfg.model.init  # the model trained from (QLoRA export reloads it)
+        self.model, self.processor = self.load_model(cfg.model.init, cfg.model.quantize)
         if cfg.model.freeze_vision:
             # Reference: `model.visual` (ViT + merger) frozen in every SFT stage.
             self.model.model.visual.requires_grad_(False)
+        # LoRA: adapters injected into self.model (which stays the plain model); only they train.
+        self.peft_model = wrap_policy(self.model, cfg.model)
         if cfg.model.gradient_checkpointing:
             # Non-reentrant, as the reference (the method's name depends on transformers).
             enable_activation_checkpointing(self.model, use_reentrant=False)
@@ -744,7 +757,25 @@ class SFTRecipe:
     def export(self, path: str | os.PathLike | None = None) -> Path:
         """Write the current weights as a Hugging Face directory (default <output>/hf)."""
         path = Path(path) if path is not None else self.output / ckpt.EXPORT_DIR
-        ckpt.export_hf(self.model, self.processor, path, zero_stage=self.zero_stage, rank=self.rank)
+        if self.peft_model is not None:
+            # LoRA: adapters merged into a plain HF checkpoint, and saved alone beside it.
+            export_lora(
+                self.peft_model,
+                self.processor,
+                path,
+                self.output / ADAPTER_DIR,
+                zero_stage=self.zero_stage,
+                rank=self.rank,
+                # QLoRA: merge onto the full-precision init model (quantized weights can't be
+                # written as a plain checkpoint).
+                reload_base=(lambda: self.load_model(self.init_path)[0])
+                if self.cfg.model.quantize
+                else None,
+            )
+        else:
+            ckpt.export_hf(
+                self.model, self.processor, path, zero_stage=self.zero_stage, rank=self.rank
+            )
         _barrier()
         if self.metrics is not None:
             self.metrics.event("export", step=self.progress.global_step, path=str(path))

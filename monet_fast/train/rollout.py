@@ -43,6 +43,7 @@ import torch
 from monet_fast.data.batching import assistant_pattern
 from monet_fast.data.types import Sample
 from monet_fast.model import sequence as seq
+from monet_fast.model.chunked_ce import head_cross_entropy
 from monet_fast.model.latent import latent_forward
 from monet_fast.model.tokens import IMAGE_PAD, VIDEO_PAD, TokenIds
 from monet_fast.train import replay_vllm
@@ -608,8 +609,12 @@ def step_logprobs(
     *,
     temperature: float,
     ban: BanTokens | None = None,
+    ce_chunk_size: int = 0,
 ) -> StepLogProbs:
     """Token log-probs log_softmax(logits / T) and latent means of a replay, in one latent forward.
+
+    ce_chunk_size > 0: the log-prob of the sampled token is -CE of the chunked linear + CE
+    (`monet_fast.model.chunked_ce`), without [n_tokens, V] logits; 0: plain log-softmax.
 
     The latent log-probs are left to the caller (`grpo.latent_terms`, fused kernel) so their
     backward is fused with the clipped surrogate.
@@ -618,6 +623,18 @@ def step_logprobs(
     out = latent_forward(model, replay.batch, latents=replay.latents, return_hidden=True)
     hidden = out.hidden  # [B, L, H] post-norm
     tok_h = hidden[replay.tok_row.to(device), replay.tok_col.to(device)]
+    if ce_chunk_size and tok_h.shape[0]:
+        ban_ids = ban.index(device) if ban is not None and ban.ids else None
+        token_logp = -head_cross_entropy(
+            model.lm_head,
+            tok_h,
+            replay.tok_target.to(device),
+            chunk_size=ce_chunk_size,
+            temperature=temperature,
+            ban_ids=ban_ids,
+        )
+        mu = hidden[replay.lat_row.to(device), replay.lat_col.to(device)]
+        return StepLogProbs(token_logp=token_logp, mu=mu)
     # fp32 log-softmax over the vocabulary (as verl's logprobs_from_logits); rollout temperature
     # applied to the logits, as the reference's actor does.
     logits = model.lm_head(tok_h).float() / temperature

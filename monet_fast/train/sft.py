@@ -39,7 +39,7 @@ class Stage1Recipe(SFTRecipe):
     """Stage 1: plain next-token SFT on the interleaved sequence (auxiliary images inline).
 
     Loss: weighted CE (observation tokens x loss.obs_weight, reference 2.0), normalised by the
-    total CE weight of the optimizer step. Gradient checkpointing is available here only.
+    total CE weight of the optimizer step.
     """
 
     stage: ClassVar[int] = 1

@@ -68,6 +68,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from monet_fast._compat import enable_activation_checkpointing
 from monet_fast.model.tokens import TokenIds
 from monet_fast.train import checkpoint as ckpt
 from monet_fast.train import grpo
@@ -86,6 +87,7 @@ from monet_fast.train.config import (
     _validate_data,
     apply_overrides,
     read_yaml_config,
+    validate_adapters,
 )
 from monet_fast.train.data import dataset_fingerprint, epoch_order
 from monet_fast.train.filtering import QUOTA_MET, pool_groups
@@ -98,6 +100,7 @@ from monet_fast.train.loop import (
     module_main,
     run_cli,
 )
+from monet_fast.train.lora import wrap_policy
 from monet_fast.train.metrics import MetricsLogger
 from monet_fast.train.rewards import FORMAT_RULES, MonetReward, build_judge, safe_reward
 from monet_fast.train.rollout import (
@@ -177,6 +180,9 @@ class ObjectiveSection:
     latent_pairing: str = "correct"  # correct: mu at p-1 (what produced z) | reference: mu at p
     latent_term: bool = True  # false = token-only log-probs (what the released code runs)
     adv_eps: float = 1e-6
+    # Token log-probs without [n_tokens, V] logits: rows per chunk of the chunked linear + CE
+    # (monet_fast.model.chunked_ce); 0 = plain log-softmax over full-vocabulary logits.
+    ce_chunk_size: int = 0
 
 
 @dataclass
@@ -316,13 +322,19 @@ def _validate_rl(cfg: RLConfig) -> None:
         raise ConfigError(
             "no model: pass --init DIR (the SFT model), or set model.tiny_seed for the tiny model"
         )
-    if m.gradient_checkpointing:
-        raise ConfigError(
-            "model.gradient_checkpointing must be false for VLPO: the replay runs the latent "
-            "forward over a KV cache, which transformers' checkpointed layers drop in training"
-        )
     if m.precision == "bf16" and not torch.cuda.is_available():
         raise ConfigError("model.precision bf16 needs a CUDA GPU; CPU runs in fp32")
+    validate_adapters(m)
+    if (
+        m.lora is not None
+        and cfg.ref.mode != "none"
+        and (cfg.ref.mode != "copy" or cfg.ref.model is not None)
+    ):
+        raise ConfigError(
+            f"with model.lora the KL reference is the policy's base model with its adapters "
+            f"disabled (no second copy): ref.mode must be 'copy' (the default) or 'none' and "
+            f"ref.model unset, got ref.mode {cfg.ref.mode!r}, ref.model {cfg.ref.model!r}"
+        )
     _validate_rl_data(cfg.data, "data")
 
     r = cfg.rollout
@@ -347,6 +359,7 @@ def _validate_rl(cfg: RLConfig) -> None:
     _one_of("vlpo.kl_type", o.kl_type, KL_TYPES)
     _one_of("vlpo.latent_pairing", o.latent_pairing, PAIRINGS)
     _positive("vlpo.adv_eps", o.adv_eps)
+    _positive("vlpo.ce_chunk_size", o.ce_chunk_size, allow_zero=True)
 
     f = cfg.filter
     if not 0 <= f.acc_low < f.acc_high <= 1:
@@ -491,12 +504,18 @@ class StepScores:
 
 @torch.no_grad()
 def score_steps(
-    model, replay: ReplayBatch, *, temperature: float, sigma: float, ban: BanTokens | None
+    model,
+    replay: ReplayBatch,
+    *,
+    temperature: float,
+    sigma: float,
+    ban: BanTokens | None,
+    ce_chunk_size: int = 0,
 ) -> StepScores:
     """Per-step log-probs without gradient: tokens by log-softmax, latents by the fused kernel."""
     from monet_fast.kernels import gaussian_logprob
 
-    lp = step_logprobs(model, replay, temperature=temperature, ban=ban)
+    lp = step_logprobs(model, replay, temperature=temperature, ban=ban, ce_chunk_size=ce_chunk_size)
     z = replay.lat_z.to(lp.mu.device)
     lat = (
         gaussian_logprob(z, lp.mu, sigma) if z.numel() else lp.mu.new_zeros(0, dtype=torch.float32)
@@ -540,7 +559,13 @@ class VLPOTrainModule(nn.Module):
 
         o = self.objective
         device = self.model.device
-        lp = step_logprobs(self.model, replay, temperature=self.temperature, ban=self.ban)
+        lp = step_logprobs(
+            self.model,
+            replay,
+            temperature=self.temperature,
+            ban=self.ban,
+            ce_chunk_size=self.objective.ce_chunk_size,
+        )
         tok_adv, lat_adv = (a.to(device) for a in replay.advantages())
         kl_coef = o.kl_coef if ref is not None else 0.0
         tok = grpo.token_terms(
@@ -594,7 +619,7 @@ class VLPORecipe(SFTRecipe):
     (distributed init, DeepSpeed config, optimizer, checkpoints, export, metrics).
 
     Raises (ConfigError, at construction or set-up):
-        - no model (neither --init nor model.tiny_seed); gradient checkpointing; bf16 on CPU;
+        - no model (neither --init nor model.tiny_seed); bf16 on CPU;
         - rollout / objective / filter / reward values out of range (see `_validate_rl`);
         - ref.mode none with kl_coef > 0; ref.offload_param without ref.mode zero3;
         - prompts_per_step not divisible by the number of ranks, or a dataset smaller than one
@@ -621,6 +646,7 @@ class VLPORecipe(SFTRecipe):
         self.teacher_cache = None
         self.ref_model = None
         self.ref_engine = None
+        self.peft_model = None  # the PeftModel wrapper of self.model with model.lora
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -702,9 +728,15 @@ class VLPORecipe(SFTRecipe):
         cfg = self.cfg
         t0 = time.perf_counter()
         init = self._resolve_init(cfg.model.init)
-        self.model, self.processor = self.load_model(init)
+        self.init_path = init  # the model trained from (QLoRA export reloads it)
+        self.model, self.processor = self.load_model(init, cfg.model.quantize)
         if cfg.model.freeze_vision:
             self.model.model.visual.requires_grad_(False)
+        # LoRA: adapters injected into self.model (which stays the plain model); only they train.
+        self.peft_model = wrap_policy(self.model, cfg.model)
+        if cfg.model.gradient_checkpointing:
+            # The replay's latent_forward checkpoints cache-safely when this flag is set.
+            enable_activation_checkpointing(self.model, use_reentrant=False)
         self.model.train()
         self.latent_size = cfg.model.latent_size
         self.latent_layout = cfg.rollout.latent_layout
@@ -780,14 +812,19 @@ class VLPORecipe(SFTRecipe):
             setup_s=time.perf_counter() - t0,
         )
 
-    def load_model(self, path: str | None) -> tuple[nn.Module, Any]:
+    def load_model(self, path: str | None, quantize: str | None = None) -> tuple[nn.Module, Any]:
         # Reuses the SFT loader (it reads model.* and the resolved device / dtype only).
-        return SFTRecipe.load_model(self, path)
+        return SFTRecipe.load_model(self, path, quantize)
 
     def setup_reference(self, init: str | None) -> None:
         """The frozen reference model for the KL term (None with ref.mode none)."""
         mode = self.cfg.ref.mode
         if mode == "none":
+            return
+        if self.peft_model is not None:
+            # LoRA: the reference is the policy's base with its adapters disabled (no copy;
+            # `_reference_on_device` disables them for the scoring pass).
+            self.ref_model = self.model
             return
         path = self._resolve_init(self.cfg.ref.model) if self.cfg.ref.model else init
         ref, _ = self.load_model(path)
@@ -820,8 +857,14 @@ class VLPORecipe(SFTRecipe):
 
     @contextmanager
     def _reference_on_device(self):
-        """offload: hold the reference in CPU memory, move it in for the scoring pass only."""
-        if self.cfg.ref.mode == "offload" and self.device.type != "cpu":
+        """offload: hold the reference in CPU memory, move it in for the scoring pass only.
+        LoRA: the policy itself, adapters disabled (and in eval mode) for the scoring pass."""
+        if self.peft_model is not None:
+            from monet_fast.model.lora import adapters_disabled
+
+            with adapters_disabled(self.peft_model) as base:
+                yield base
+        elif self.cfg.ref.mode == "offload" and self.device.type != "cpu":
             self.ref_model.to(self.device)
             try:
                 yield self.ref_model
@@ -1006,7 +1049,12 @@ class VLPORecipe(SFTRecipe):
                 for u, mini in enumerate(minis):
                     for i, mb in enumerate(mini):
                         ref_scores[u][i] = score_steps(
-                            ref, replay(mb), temperature=temp, sigma=o.sigma, ban=self.ban
+                            ref,
+                            replay(mb),
+                            temperature=temp,
+                            sigma=o.sigma,
+                            ban=self.ban,
+                            ce_chunk_size=o.ce_chunk_size,
                         )
         old_scores: list[list[StepScores | None]] = [[None] * len(m) for m in minis]
         if len(minis) > 1:
@@ -1014,7 +1062,12 @@ class VLPORecipe(SFTRecipe):
             for u, mini in enumerate(minis):
                 for i, mb in enumerate(mini):
                     old_scores[u][i] = score_steps(
-                        self.model, replay(mb), temperature=temp, sigma=o.sigma, ban=self.ban
+                        self.model,
+                        replay(mb),
+                        temperature=temp,
+                        sigma=o.sigma,
+                        ban=self.ban,
+                        ce_chunk_size=o.ce_chunk_size,
                     )
             self.model.train()
         t_score = time.perf_counter() - t1
