@@ -45,6 +45,7 @@ COMMAND_MODULES: list[str] = [
     "monet_fast.decode.cli",
     "monet_fast.eval.cli",
     "monet_fast.kernel_check",
+    "monet_fast.train.plan",
 ]
 
 

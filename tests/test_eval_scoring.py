@@ -3,12 +3,8 @@ accuracy, and the optional OpenAI-compatible judge against a local stub server (
 
 from __future__ import annotations
 
-import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
+from judge_stub import StubJudge
 
 from monet_fast.data.types import Sample, Segment
 from monet_fast.decode import collapse_latent_spans
@@ -199,55 +195,8 @@ def test_accuracy_by_category():
 # ---- the judge, against a stub OpenAI-compatible server --------------------------------------
 
 
-class _Stub:
-    """A local /v1/chat/completions server whose behaviour per request is scripted."""
-
-    def __init__(self, script):
-        self.script = list(script)  # items: ("reply", text) | ("status", code) | ("sleep", s, text)
-        self.requests: list[dict] = []
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server API)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stub.requests.append(
-                    {"path": self.path, "body": body, "auth": self.headers.get("Authorization")}
-                )
-                action = stub.script.pop(0) if stub.script else ("reply", "yes")
-                if action[0] == "status":
-                    self.send_error(action[1])
-                    return
-                if action[0] == "sleep":
-                    time.sleep(action[1])
-                reply = {"choices": [{"message": {"role": "assistant", "content": action[-1]}}]}
-                data = json.dumps(reply).encode()
-                try:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and hung up
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        # A short poll interval: shutdown() waits up to one interval (0.5 s by default).
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+# The scripted local judge server shared with the judge-client tests.
+_Stub = StubJudge
 
 
 def test_judge_yes_no_and_request_shape(monkeypatch):
