@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -280,7 +281,38 @@ class Demo:
         stages.append(self.phase("vlpo", lambda: self.vlpo(data_path)))
         final = Path(stages[-1]["model"])
         self.phase("eval", lambda: self.interventions(final))
-        return self.summarise(stages)
+        report = self.summarise(stages)
+        self.example(final)
+        return report
+
+    def example(self, model_dir: Path) -> list[str]:
+        """Save a held-out question image and print a `monet-fast generate` command for it.
+
+        The prompt is the task's exact question text: `generate` wraps it in the same chat
+        template as training and eval (`render_prompt`), so the model sees what it learned; a
+        free-form question is out of distribution for the tiny model. Returns the argv.
+        """
+        sample = self.held_out[0]
+        image = self.out / "example" / "question.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        sample.question_images[0].save(image)
+        question = "".join(seg.text for seg in sample.question if seg.kind == "text")
+        argv = [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--image",
+            str(image),
+            "--prompt",
+            question,
+            "--max-new-tokens",
+            str(self.cfg.max_new_tokens),
+            "--latent-trace",
+        ]
+        color = sample.meta["target_color"]
+        _log(f"try it on a held-out image (expected answer: \\boxed{{{sample.answer}}}, {color}):")
+        print(format_command(argv), flush=True)
+        return argv
 
     def summarise(self, stages: list[dict]) -> DemoReport:
         eval_report = json.loads((self.out / "eval" / "report.json").read_text())
@@ -386,6 +418,11 @@ def format_summary(report: DemoReport) -> str:
         f"over {c.get('n_latents')} latents",
     ]
     return "\n".join(lines)
+
+
+def format_command(argv: list[str]) -> str:
+    """`monet-fast ARGV` as one shell command (the prompt's newlines stay inside its quotes)."""
+    return " ".join(["monet-fast", *(shlex.quote(a) for a in argv)])
 
 
 def run_demo(cfg: DemoConfig) -> DemoReport:

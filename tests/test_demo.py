@@ -1,9 +1,12 @@
 """The quick demo end to end (what CI runs): every phase, the report sections, resumability."""
 
 import json
+import shlex
+from pathlib import Path
 
 import pytest
 
+from monet_fast.cli import main
 from monet_fast.demo import INTERVENTIONS, DemoConfig, run_demo
 
 
@@ -31,6 +34,17 @@ def test_quick_demo_report_and_resume(tmp_path, capsys):
     for f in ("report.md", "accuracy_by_intervention.png", "latent_cosine_heatmap.png"):
         assert (tmp_path / "demo" / "eval" / f).exists()
     assert "held-out accuracy" in printed and "intervention" in printed
+
+    # The demo ends with a ready-to-run `generate` command on a saved held-out image; it runs.
+    # (The one-step quick model may open no latent block: the trace then says so.)
+    command = shlex.split(printed[printed.index("monet-fast generate") :])
+    assert command[0] == "monet-fast" and command[-1] == "--latent-trace"
+    args = dict(zip(command[2::2], command[3::2]))
+    assert Path(args["--image"]).is_file() and Path(args["--model"]).is_dir()
+    assert args["--prompt"].startswith("What is the color of the small ")
+    assert main(command[1:]) == 0
+    generated = capsys.readouterr()
+    assert "latent trace" in generated.out and "latent block(s) of K=4" in generated.err
 
     # A rerun resumes: every phase is already done and is skipped.
     run_demo(cfg)

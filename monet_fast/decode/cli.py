@@ -2,10 +2,12 @@
 
     monet-fast generate --model DIR --image PATH --prompt TEXT [--max-new-tokens N]
         [--latent-size K] [--latent-layout sft|monet_vllm] [--do-sample --temperature T
-        --top-p P --seed S] [--device cuda] [--dtype bfloat16]
+        --top-p P --seed S] [--device cuda] [--dtype bfloat16] [--latent-trace]
 
 Streams the answer to stdout as it is decoded; each latent block is printed once it closes, as
-`<abs_vis_token>⟨K latents⟩</abs_vis_token>`. A summary line goes to stderr.
+`<abs_vis_token>⟨K latents⟩</abs_vis_token>`. A summary line goes to stderr. With
+`--latent-trace`, a summary of every block follows the answer: per latent step the vector's L2
+norm and its cosine to the previous step of the block (a collapsed block shows cosines near 1).
 """
 
 from __future__ import annotations
@@ -66,12 +68,45 @@ class _Printer:
         self.out.flush()
 
 
+def format_latent_trace(latents, counts: list[int]) -> str:
+    """One row's latent trace: `latents` [n_blocks, K, H] and the vectors used in each block."""
+    import torch
+
+    if not counts:
+        return "latent trace: no latent block"
+    lines = []
+    for b, n in enumerate(counts):
+        vecs = latents[b, :n].float()
+        lines.append(f"latent trace, block {b + 1} ({n} steps):")
+        for k in range(n):
+            cos = "-"
+            if k > 0:
+                cos = f"{torch.nn.functional.cosine_similarity(vecs[k], vecs[k - 1], dim=0):+.4f}"
+            lines.append(f"  step {k + 1}: norm {vecs[k].norm():.4g}  cos(prev) {cos}")
+    return "\n".join(lines)
+
+
+def prompt_text(processor, images: list[str], prompt: str, start_latent: bool = False) -> str:
+    """The templated prompt `generate` decodes from: the images, then `prompt`, in a user turn.
+
+    With the default system message this is the text training and eval render for a sample
+    whose question is those images and `prompt` (`monet_fast.model.sequence.render_prompt`).
+    """
+    from monet_fast.model.tokens import LATENT_START
+
+    content = [{"type": "image", "image": path} for path in images]
+    content.append({"type": "text", "text": prompt})
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+    return text + LATENT_START if start_latent else text
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from monet_fast.decode.engine import decoder_for, resolve_config
     from monet_fast.model.loading import load_pretrained
-    from monet_fast.model.tokens import LATENT_START
 
     for image in args.image:
         if not Path(image).is_file():
@@ -90,13 +125,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         latent_size=args.latent_size,
         latent_layout=args.latent_layout,
     )
-    content = [{"type": "image", "image": path} for path in args.image]
-    content.append({"type": "text", "text": args.prompt})
-    text = processor.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-    )
-    if args.start_latent:
-        text += LATENT_START
+    text = prompt_text(processor, args.image, args.prompt, start_latent=args.start_latent)
     options = dict(
         latent_size=args.latent_size,
         latent_layout=args.latent_layout,
@@ -114,9 +143,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         [{"text": text, "images": list(args.image)}],
         max_new_tokens=args.max_new_tokens,
         streamer=printer,
+        return_latents=args.latent_trace,
         **options,
     )
     printer.finish()
+    if args.latent_trace:
+        print(format_latent_trace(out.latents[0], out.latent_counts[0]))
     n_tokens = len(out.sequences[0])
     n_blocks = printer.ids.count(cfg.start_id)
     print(
@@ -158,5 +190,10 @@ def register(subparsers) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly")
     p.add_argument(
         "--check-every", type=int, default=4, help="decode steps between streamed updates"
+    )
+    p.add_argument(
+        "--latent-trace",
+        action="store_true",
+        help="after the answer, print each latent step's norm and cosine to the previous step",
     )
     p.set_defaults(func=_cmd_generate)
