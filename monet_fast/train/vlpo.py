@@ -56,7 +56,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -74,20 +73,6 @@ from monet_fast.train import checkpoint as ckpt
 from monet_fast.train import grpo
 from monet_fast.train.config import (
     ConfigError,
-    DataSection,
-    DeepSpeedSection,
-    LoggingSection,
-    ModelSection,
-    OptimSection,
-    RunConfig,
-    SchedulerSection,
-    _build,
-    _one_of,
-    _positive,
-    _validate_data,
-    apply_overrides,
-    read_yaml_config,
-    validate_adapters,
 )
 from monet_fast.train.data import dataset_fingerprint, epoch_order
 from monet_fast.train.filtering import QUOTA_MET, pool_groups
@@ -102,9 +87,8 @@ from monet_fast.train.loop import (
 )
 from monet_fast.train.lora import wrap_policy
 from monet_fast.train.metrics import MetricsLogger
-from monet_fast.train.rewards import FORMAT_RULES, MonetReward, build_judge, safe_reward
+from monet_fast.train.rewards import MonetReward, build_judge, safe_reward
 from monet_fast.train.rollout import (
-    PAIRINGS,
     BanTokens,
     ReplayBatch,
     Rollout,
@@ -116,6 +100,23 @@ from monet_fast.train.rollout import (
     step_counts,
     step_logprobs,
 )
+from monet_fast.train.vlpo_config import (  # noqa: F401 (re-exported: public names)
+    KL_TYPES,
+    REF_MODES,
+    RL_DATA_KINDS,
+    FilterSection,
+    JudgeSection,
+    ObjectiveSection,
+    RefSection,
+    RewardFnSection,
+    RewardSection,
+    RLConfig,
+    RLDataSection,
+    RLEvalSection,
+    RLTrainerSection,
+    RolloutSection,
+    load_rl_config,
+)
 from monet_fast.train.vlpo_metrics import (
     UPDATE_EVENT,
     latent_sums,
@@ -125,313 +126,6 @@ from monet_fast.train.vlpo_metrics import (
 )
 
 logger = logging.getLogger("monet_fast.train")
-
-REF_MODES: tuple[str, ...] = ("copy", "offload", "zero3", "none")
-KL_TYPES: tuple[str, ...] = ("low_var_kl",)
-
-# --------------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------------
-
-
-RL_DATA_KINDS: tuple[str, ...] = ("synthetic", "monet_sft", "prompts")
-
-
-@dataclass
-class RLDataSection(DataSection):
-    """Prompts to roll out: the SFT data kinds plus `prompts` (question + image(s) + answer).
-
-    kind prompts: a .jsonl (one object per line) or .json list of {"question": str, "image":
-    path or [paths] (relative to `root`), "answer": str, "choices": [str] (optional: multiple
-    choice, answer = letter or option text), "id": str (optional), "system": str (optional)}.
-    Only the question and the gold answer are used; a Monet-SFT sample's reasoning is ignored.
-    """
-
-    synthetic: dict = field(default_factory=dict)  # synthetic task options, e.g. {n_choices: 2}
-
-
-@dataclass
-class RolloutSection:
-    """How responses are sampled (reference: vLLM, n=8, T=0.5, top-p 0.99)."""
-
-    group_size: int = 8  # G responses per prompt
-    prompts_per_step: int = 64  # prompts per RL step, all ranks together
-    temperature: float = 0.5  # text tokens; latent steps are deterministic (the mean)
-    top_p: float = 0.99
-    max_new_tokens: int = 4096  # latent steps and forced tokens included
-    batch_size: int = 64  # sequences per generate() call
-    max_latent_blocks: int | None = None  # cap on latent blocks per response (None = no cap)
-    prompt_suffix: str | None = None  # appended to the question text (reference: format prompt)
-    cuda_graphs: bool = True  # decode with CUDA graphs (off automatically under ZeRO-3)
-    # sft (our SFT layout) | monet_vllm (released Monet-7B: START's row overwritten, K = 10)
-    latent_layout: str = "sft"
-
-
-@dataclass
-class ObjectiveSection:
-    """The VLPO objective (reference: EasyR1 GRPO with latent Gaussian actions)."""
-
-    sigma: float = 10.0  # latent policy scale: log p(z) = -||z - mu||^2 / (2 sigma^2)
-    clip_low: float = 0.2
-    clip_high: float = 0.3
-    clip_ratio_dual: float = 3.0
-    kl_coef: float = 0.01  # low_var_kl loss to the frozen reference model; 0 disables
-    kl_type: str = "low_var_kl"
-    latent_pairing: str = "correct"  # correct: mu at p-1 (what produced z) | reference: mu at p
-    latent_term: bool = True  # false = token-only log-probs (what the released code runs)
-    adv_eps: float = 1e-6
-    # Token log-probs without [n_tokens, V] logits: rows per chunk of the chunked linear + CE
-    # (monet_fast.model.chunked_ce); 0 = plain log-softmax over full-vocabulary logits.
-    ce_chunk_size: int = 0
-
-
-@dataclass
-class FilterSection:
-    """Online difficulty filter: keep prompt groups with acc_low < accuracy <= acc_high, pooled
-    over up to 1 + max_extra_rollouts rollout calls until the step's prompt quota is met
-    (`filtering.py`)."""
-
-    enabled: bool = True
-    acc_low: float = 0.0
-    acc_high: float = 0.6
-    min_groups: int = 1  # fewer kept groups (all ranks) -> the step is skipped
-    max_extra_rollouts: int = 3  # extra rollout calls per step (reference: 256 / 64 -> 3)
-
-
-@dataclass
-class RewardFnSection:
-    name: str = ""  # "package.module:function", fn(text, sample, info) -> float
-    weight: float = 1.0
-
-
-@dataclass
-class JudgeSection:
-    """Optional OpenAI-compatible judge for rule-wrong answers; off unless base_url is set."""
-
-    base_url: str | None = None  # e.g. http://localhost:8000/v1
-    model: str | None = None
-    api_key_env: str | None = "OPENAI_API_KEY"
-    timeout: float = 30.0
-    retries: int = 2
-
-
-@dataclass
-class RewardSection:
-    correct_weight: float = 0.9
-    format_weight: float = 0.1
-    format_rule: str = "boxed"  # boxed (reference) | latent_boxed
-    functions: list[RewardFnSection] = field(default_factory=list)
-    judge: JudgeSection = field(default_factory=JudgeSection)
-
-
-@dataclass
-class RefSection:
-    """The frozen reference model of the KL term."""
-
-    mode: str = "copy"  # copy (on device) | offload (CPU, moved in per step) | zero3 | none
-    model: str | None = None  # None = the init model
-    offload_param: bool = False  # zero3: keep the partitions in CPU memory
-
-
-@dataclass
-class RLTrainerSection:
-    max_steps: int | None = None  # RL steps (rollout batches); None = epochs over the prompts
-    epochs: int = 1
-    mini_batch_prompts: int = 16  # prompt groups per optimizer step (reference 16)
-    micro_batch_size: int = 2  # sequences per forward per rank
-    log_every: int = 1
-    save_every: int = 0  # RL steps between checkpoints; 0 = final checkpoint only
-    keep_last: int = 2
-    shared_filesystem: bool = True  # false: each node keeps its own checkpoint copy (local disks)
-    export: bool = True
-    shuffle: bool = True
-
-
-@dataclass
-class RLEvalSection:
-    every: int = 0  # RL steps between evaluations on held-out prompts; 0 = never
-    at_start: bool = False  # also evaluate before the first step (logged as an event)
-    data: RLDataSection | None = None
-    samples_per_prompt: int = 1
-    temperature: float = 0.0  # 0 = greedy (reference validation: T 0.1, n 1)
-    max_new_tokens: int | None = None  # None = rollout.max_new_tokens
-
-
-@dataclass
-class RLConfig(RunConfig):
-    """A whole VLPO run. `source` is the YAML file it came from (for relative paths)."""
-
-    seed: int = 42
-    output: str | None = None
-    model: ModelSection = field(default_factory=ModelSection)
-    data: RLDataSection = field(default_factory=RLDataSection)
-    rollout: RolloutSection = field(default_factory=RolloutSection)
-    vlpo: ObjectiveSection = field(default_factory=ObjectiveSection)
-    filter: FilterSection = field(default_factory=FilterSection)
-    reward: RewardSection = field(default_factory=RewardSection)
-    ref: RefSection = field(default_factory=RefSection)
-    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-6))
-    scheduler: SchedulerSection = field(
-        default_factory=lambda: SchedulerSection(name="constant", warmup_steps=0)
-    )
-    trainer: RLTrainerSection = field(default_factory=RLTrainerSection)
-    eval: RLEvalSection = field(default_factory=RLEvalSection)
-    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
-    source: str | None = None
-
-    def resolved_deepspeed_json(self) -> Path | None:
-        if self.deepspeed.config is None:
-            return None
-        p = Path(self.deepspeed.config)
-        if not p.is_absolute() and self.source is not None:
-            p = Path(self.source).parent / p
-        return p
-
-    def validate(self) -> RLConfig:
-        _validate_rl(self)
-        return self
-
-
-def _validate_rl_data(d: RLDataSection, key: str) -> None:
-    if d.kind == "prompts":
-        if not d.path:
-            raise ConfigError(f"{key}.kind is prompts but {key}.path is not set (a .jsonl/.json)")
-        _one_of(f"{key}.on_error", d.on_error, ("raise", "skip"))
-        _positive(f"{key}.limit", d.limit)
-    else:
-        _one_of(f"{key}.kind", d.kind, RL_DATA_KINDS)
-        _validate_data(d, key)
-    if d.synthetic and d.kind != "synthetic":
-        raise ConfigError(f"{key}.synthetic options need {key}.kind synthetic")
-    if d.synthetic:
-        from monet_fast.data.synthetic import SyntheticTaskConfig
-
-        try:
-            SyntheticTaskConfig().with_options(**d.synthetic)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"{key}.synthetic: {err}") from err
-
-
-def _validate_rl(cfg: RLConfig) -> None:
-    m = cfg.model
-    _one_of("model.precision", m.precision, ("auto", "bf16", "fp32"))
-    if m.latent_size < 1:
-        raise ConfigError(f"model.latent_size must be >= 1, got {m.latent_size}")
-    if m.init is None and m.tiny_seed is None:
-        raise ConfigError(
-            "no model: pass --init DIR (the SFT model), or set model.tiny_seed for the tiny model"
-        )
-    if m.precision == "bf16" and not torch.cuda.is_available():
-        raise ConfigError("model.precision bf16 needs a CUDA GPU; CPU runs in fp32")
-    validate_adapters(m)
-    if (
-        m.lora is not None
-        and cfg.ref.mode != "none"
-        and (cfg.ref.mode != "copy" or cfg.ref.model is not None)
-    ):
-        raise ConfigError(
-            f"with model.lora the KL reference is the policy's base model with its adapters "
-            f"disabled (no second copy): ref.mode must be 'copy' (the default) or 'none' and "
-            f"ref.model unset, got ref.mode {cfg.ref.mode!r}, ref.model {cfg.ref.model!r}"
-        )
-    _validate_rl_data(cfg.data, "data")
-
-    r = cfg.rollout
-    for name in ("group_size", "prompts_per_step", "max_new_tokens", "batch_size"):
-        _positive(f"rollout.{name}", getattr(r, name))
-    _positive("rollout.temperature", r.temperature)
-    if not 0 < r.top_p <= 1:
-        raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p!r}")
-    _positive("rollout.max_latent_blocks", r.max_latent_blocks, allow_zero=True)
-    from monet_fast.model.config import LATENT_LAYOUTS
-
-    _one_of("rollout.latent_layout", r.latent_layout, LATENT_LAYOUTS)
-
-    o = cfg.vlpo
-    _positive("vlpo.sigma", o.sigma)
-    if not 0 <= o.clip_low < 1:
-        raise ConfigError(f"vlpo.clip_low must be in [0, 1), got {o.clip_low!r}")
-    _positive("vlpo.clip_high", o.clip_high, allow_zero=True)
-    if not o.clip_ratio_dual > 1:
-        raise ConfigError(f"vlpo.clip_ratio_dual must be > 1, got {o.clip_ratio_dual!r}")
-    _positive("vlpo.kl_coef", o.kl_coef, allow_zero=True)
-    _one_of("vlpo.kl_type", o.kl_type, KL_TYPES)
-    _one_of("vlpo.latent_pairing", o.latent_pairing, PAIRINGS)
-    _positive("vlpo.adv_eps", o.adv_eps)
-    _positive("vlpo.ce_chunk_size", o.ce_chunk_size, allow_zero=True)
-
-    f = cfg.filter
-    if not 0 <= f.acc_low < f.acc_high <= 1:
-        raise ConfigError(
-            f"filter band must satisfy 0 <= acc_low < acc_high <= 1, got ({f.acc_low}, "
-            f"{f.acc_high}]"
-        )
-    _positive("filter.min_groups", f.min_groups)
-    _positive("filter.max_extra_rollouts", f.max_extra_rollouts, allow_zero=True)
-
-    rw = cfg.reward
-    _one_of("reward.format_rule", rw.format_rule, FORMAT_RULES)
-    for i, fn in enumerate(rw.functions):
-        if ":" not in fn.name:
-            raise ConfigError(
-                f"reward.functions[{i}].name must be 'package.module:function', got {fn.name!r}"
-            )
-    j = rw.judge
-    if j.base_url and not j.model:
-        raise ConfigError("reward.judge.base_url is set but reward.judge.model is not")
-    _positive("reward.judge.timeout", j.timeout)
-    _positive("reward.judge.retries", j.retries, allow_zero=True)
-
-    _one_of("ref.mode", cfg.ref.mode, REF_MODES)
-    if cfg.ref.mode == "none" and o.kl_coef > 0:
-        raise ConfigError(
-            f"ref.mode none has no reference model but vlpo.kl_coef is {o.kl_coef}; set "
-            "vlpo.kl_coef=0 or choose ref.mode copy | offload | zero3"
-        )
-    if cfg.ref.offload_param and cfg.ref.mode != "zero3":
-        raise ConfigError("ref.offload_param needs ref.mode zero3")
-
-    _one_of("optim.name", cfg.optim.name, ("adamw", "sgd"))
-    _positive("optim.lr", cfg.optim.lr)
-    _positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
-    _one_of("scheduler.name", cfg.scheduler.name, ("linear", "cosine", "constant"))
-    _positive("scheduler.warmup_steps", cfg.scheduler.warmup_steps, allow_zero=True)
-
-    t = cfg.trainer
-    for name in ("epochs", "mini_batch_prompts", "micro_batch_size", "log_every", "max_steps"):
-        _positive(f"trainer.{name}", getattr(t, name))
-    _positive("trainer.save_every", t.save_every, allow_zero=True)
-    _positive("trainer.keep_last", t.keep_last)
-
-    ev = cfg.eval
-    _positive("eval.every", ev.every, allow_zero=True)
-    _positive("eval.samples_per_prompt", ev.samples_per_prompt)
-    _positive("eval.temperature", ev.temperature, allow_zero=True)
-    _positive("eval.max_new_tokens", ev.max_new_tokens)
-    if (ev.every or ev.at_start) and ev.data is None:
-        raise ConfigError("eval.every / eval.at_start is set but eval.data is not")
-    if ev.data is not None:
-        _validate_rl_data(ev.data, "eval.data")
-
-    ds = cfg.deepspeed
-    if ds.zero_stage is not None:
-        _one_of("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2, 3))
-    p = cfg.resolved_deepspeed_json()
-    if p is not None and not os.path.isfile(p):  # False, not OSError, for a name too long
-        raise ConfigError(f"deepspeed.config {str(p)!r} does not exist")
-
-
-def load_rl_config(path: str | Path | None, overrides: list[str] | None = None) -> RLConfig:
-    """Read a VLPO YAML config, apply `key=value` overrides, validate (ConfigError names the file)."""
-    values, source = read_yaml_config(path)
-    try:
-        cfg = _build(RLConfig, apply_overrides(values, list(overrides or [])))
-        cfg.source = source
-        return cfg.validate()
-    except ConfigError as err:
-        raise err.in_file(source) from None
-
 
 # --------------------------------------------------------------------------------------------
 # Resume record and logging
@@ -620,7 +314,7 @@ class VLPORecipe(SFTRecipe):
 
     Raises (ConfigError, at construction or set-up):
         - no model (neither --init nor model.tiny_seed); bf16 on CPU;
-        - rollout / objective / filter / reward values out of range (see `_validate_rl`);
+        - rollout / objective / filter / reward values out of range (see `vlpo_config._validate_rl`);
         - ref.mode none with kl_coef > 0; ref.offload_param without ref.mode zero3;
         - prompts_per_step not divisible by the number of ranks, or a dataset smaller than one
           RL step's prompts;
