@@ -614,25 +614,12 @@ class VLPORecipe(SFTRecipe):
         base = self.cfg.seed * 1_000_003 + step * 7919 + self.rank * 104_729
         return (base + call * 15_485_863) % 2**62
 
-    def _check_decoder_weights(self) -> None:
-        """Captured CUDA graphs read the weights at fixed addresses. DeepSpeed updates them in
-        place (ZeRO-2 flat buffers), so graphs stay valid across steps; if any parameter storage
-        moved anyway, drop the cached decoder so the next rollout recaptures on the new weights."""
-        if self.device.type != "cuda":
-            return
-        ptrs = tuple(p.data_ptr() for p in self.model.parameters())
-        if getattr(self, "_param_ptrs", None) not in (None, ptrs):
-            from monet_fast.decode import engine as decode_engine
-
-            decode_engine._DECODERS.pop(self.model, None)
-        self._param_ptrs = ptrs
-
     def rollouts(self, prompts: list, step: int, call: int = 0) -> list[Rollout]:
         """Rollout call `call` of an RL step (extra calls come from the filter's pool): group
         ids continue across calls, seeds differ."""
         r = self.cfg.rollout
-        if self.zero_stage != 3:
-            self._check_decoder_weights()
+        # Captured decode graphs follow weight moves by themselves (the engine keys its graph
+        # cache on the parameters' storage, dtype and device).
         with self._gathered():
             out = generate_rollouts(
                 self.model,
