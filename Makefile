@@ -23,7 +23,7 @@ $(STAMP): $(BUILD_INPUTS) tools/constraints_for_torch.py
 	$(PY) tools/constraints_for_torch.py -o $(VENV)/constraints.txt
 	DS_BUILD_OPS=0 $(PIP) install --quiet -c $(VENV)/constraints.txt numpy pillow triton \
 		transformers tokenizers safetensors pyyaml tqdm psutil matplotlib deepspeed peft pytest \
-		pytest-benchmark pybind11 ninja cmake ruff setuptools wheel
+		fastapi uvicorn openai httpx pytest-benchmark pybind11 ninja cmake ruff setuptools wheel
 	# .venv/bin first on PATH: the build runs the cmake and ninja installed there.
 	PATH="$(abspath $(VENV))/bin:$$PATH" MAX_JOBS=$${MAX_JOBS:-2} \
 		$(PIP) install --quiet --no-build-isolation --no-deps -e .

@@ -56,23 +56,23 @@ def prepare(device: str):
     model = use_latent_attention(model).to(device).train()
     batch = collate(make_samples(2, seed=1), processor, "stage2", latent_size=4)
     tid = TokenIds.from_tokenizer(processor.tokenizer)
-    ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    ids, attn = batch.input_ids.to(device), batch.attention_mask.to(device)
     masked_rows = mask_from_ids(ids, tid.image_pad, tid.latent_start, tid.latent_pad, attn)
     with torch.no_grad():  # vision tower, eager: merge the image features into the embeddings
         embeds = model.model.get_input_embeddings()(ids)
         feats = model.model.get_image_features(
-            batch["pixel_values"].to(device), batch["image_grid_thw"].to(device)
+            batch.pixel_values.to(device), batch.image_grid_thw.to(device)
         ).pooler_output
         image = (ids == tid.image_pad)[..., None].expand_as(embeds)
         embeds = embeds.masked_scatter(image, torch.cat(feats).to(embeds.dtype))
-    slot_idx = batch["latent_slot_mask"].to(device).nonzero().T  # [2, n_slots] (row, col)
+    slot_idx = batch.latent_slot_mask.to(device).nonzero().T  # [2, n_slots] (row, col)
     n_slots, width = slot_idx.shape[1], embeds.shape[-1]
     g = torch.Generator().manual_seed(0)
     z = torch.randn(n_slots, width, generator=g).to(device)  # "rollout" latents
     old_logp = -0.5 * z.square().sum(-1) / 100.0
     adv = torch.linspace(-1.0, 1.0, n_slots, device=device)
-    labels = batch["labels"].to(device)
-    args = (embeds, attn, batch["position_ids"].to(device), masked_rows, labels, slot_idx, z, old_logp, adv)  # fmt: skip
+    labels = batch.labels.to(device)
+    args = (embeds, attn, batch.position_ids.to(device), masked_rows, labels, slot_idx, z, old_logp, adv)  # fmt: skip
     return model, args
 
 

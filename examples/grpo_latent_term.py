@@ -48,9 +48,8 @@ def main(group_size: int = 4) -> dict[str, float]:
     model, processor = tiny_model(seed=0)
     model.to(device).train()
     batch = collate(make_samples(1, seed=1) * group_size, processor, "stage2")
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values",
-                                               "image_grid_thw", "mm_token_type_ids")}  # fmt: skip
-    labels, slots = batch["labels"].to(device), batch["latent_slot_mask"].to(device)
+    inputs = batch.to(device).model_inputs()
+    labels, slots = batch.labels.to(device), batch.latent_slot_mask.to(device)
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0][:group_size], device=device)
     adv = (rewards - rewards.mean()) / (rewards.std() + 1e-6)  # GRPO group advantages
 

@@ -53,7 +53,7 @@ def stage2_batches(processor, n_batches: int = 2, batch_size: int = 2) -> list[d
     batches = []
     for i in range(n_batches):
         full = collate(samples[i * batch_size : (i + 1) * batch_size], processor, "stage2")
-        batch = {k: full[k] for k in MODEL_INPUTS}
+        batch = {k: getattr(full, k) for k in MODEL_INPUTS}
         batch["masked_rows"] = mask_from_ids(batch["input_ids"], *ids, batch["attention_mask"])
         batches.append(batch)
     return batches

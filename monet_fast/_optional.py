@@ -30,6 +30,8 @@ OPTIONAL: dict[str, tuple[str, str | None]] = {
     "flash_attn": ("flash-attn", None),
     "tensorboard": ("tensorboard", None),
     "wandb": ("wandb", None),
+    "fastapi": ("fastapi", "serve"),
+    "uvicorn": ("uvicorn", "serve"),
 }
 
 

@@ -43,6 +43,7 @@ COMMAND_MODULES: list[str] = [
     "monet_fast.train.cli",
     "monet_fast.train.rl_cli",
     "monet_fast.decode.cli",
+    "monet_fast.serve.cli",
     "monet_fast.eval.cli",
     "monet_fast.kernel_check",
     "monet_fast.train.plan",

@@ -34,3 +34,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# One tiny model per architecture (`monet_fast.model.arch`): tests that must hold for every
+# base model take `tiny_arch` (arch name, model, processor), built once per session per arch.
+# Tests must not change its weights (gradients are fine: zero them).
+from archs import ARCHS  # noqa: E402
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def tiny_arch(request):
+    from monet_fast.model.tiny import tiny_model
+
+    model, processor = tiny_model(seed=0, arch=request.param)
+    return request.param, model.float(), processor

@@ -16,13 +16,14 @@ K = 3  # latent_size saved in the test models' configs
 
 
 @functools.cache
-def decode_model(layout: str):
-    """(model, processor): the tiny fp32 CPU model, shared by the tests (do not modify it)."""
+def decode_model(layout: str, arch: str = "qwen2_5_vl"):
+    """(model, processor): the tiny fp32 CPU model of `arch`, shared by the tests (do not
+    modify it)."""
     from monet_fast.model.tiny import tiny_model
 
     # A larger init range than the default makes the random model's greedy text depend on its
     # inputs (with 0.02 it repeats one token), so a wrong latent or position changes the output.
-    return tiny_model(seed=0, latent_size=K, latent_layout=layout, initializer_range=0.2)
+    return tiny_model(seed=0, latent_size=K, latent_layout=layout, initializer_range=0.2, arch=arch)
 
 
 @functools.cache

@@ -26,21 +26,21 @@ def test_collate_outputs(tiny, stage):
         "labels",
         "latent_slot_mask",
     ):
-        assert key in batch
+        assert getattr(batch, key) is not None
     ids = TokenIds.from_tokenizer(processor.tokenizer)
     n_aux = [len(s.aux_images) for s in samples]
-    slots = batch["latent_slot_mask"].sum(1).tolist()
+    slots = batch.latent_slot_mask.sum(1).tolist()
     assert slots == ([0] * 3 if stage == "stage1" else [4 * n for n in n_aux])
-    assert (batch["input_ids"][batch["latent_slot_mask"]] == ids.latent_pad).all()
+    assert (batch.input_ids[batch.latent_slot_mask] == ids.latent_pad).all()
     # images: question images always, aux images only in stages 1 and 2
-    n_images = batch["image_grid_thw"].shape[0]
+    n_images = batch.image_grid_thw.shape[0]
     assert n_images == 3 + (sum(n_aux) if stage in ("stage1", "stage2") else 0)
-    labels = batch["labels"]
-    assert (labels[batch["latent_slot_mask"]] == -100).all()
-    assert (labels[batch["input_ids"] == ids.image_pad] == -100).all()
-    assert batch["observation_mask"].any(1).all()
-    assert (labels[batch["observation_mask"]] != -100).all()
-    assert (batch["masked_rows"] is not None) == (stage == "stage2")
+    labels = batch.labels
+    assert (labels[batch.latent_slot_mask] == -100).all()
+    assert (labels[batch.input_ids == ids.image_pad] == -100).all()
+    assert batch.observation_mask.any(1).all()
+    assert (labels[batch.observation_mask] != -100).all()
+    assert (batch.masked_rows is not None) == (stage == "stage2")
     # the answer letter is a target
     text = processor.tokenizer.decode(labels[0][labels[0] != -100])
     assert "\\boxed{" + samples[0].answer + "}" in text
@@ -53,14 +53,14 @@ def test_positions_equal_get_rope_index(tiny, side):
     samples[1].question[1].text += " please answer carefully"  # different lengths -> padding
     batch = collate(samples, processor, "stage2", latent_size=3, padding_side=side)
     ref, _ = model.model.get_rope_index(
-        batch["input_ids"],
-        batch["mm_token_type_ids"],
-        image_grid_thw=batch["image_grid_thw"],
-        attention_mask=batch["attention_mask"],
+        batch.input_ids,
+        batch.mm_token_type_ids,
+        image_grid_thw=batch.image_grid_thw,
+        attention_mask=batch.attention_mask,
     )
-    valid = batch["attention_mask"].bool()
-    assert torch.equal(batch["position_ids"][:, valid], ref[:, valid])
-    assert (batch["attention_mask"][:, 0 if side == "left" else -1] == 0).any()
+    valid = batch.attention_mask.bool()
+    assert torch.equal(batch.position_ids[:, valid], ref[:, valid])
+    assert (batch.attention_mask[:, 0 if side == "left" else -1] == 0).any()
 
 
 def test_tiny_forward_with_collated_positions(tiny):
@@ -68,18 +68,18 @@ def test_tiny_forward_with_collated_positions(tiny):
     batch = collate(make_samples(2, seed=2), processor, "stage1")
     with torch.no_grad():
         a = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
-            image_grid_thw=batch["image_grid_thw"],
-            mm_token_type_ids=batch["mm_token_type_ids"],
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            pixel_values=batch.pixel_values,
+            image_grid_thw=batch.image_grid_thw,
+            mm_token_type_ids=batch.mm_token_type_ids,
         ).logits
         b = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
-            image_grid_thw=batch["image_grid_thw"],
-            position_ids=batch["position_ids"],
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            pixel_values=batch.pixel_values,
+            image_grid_thw=batch.image_grid_thw,
+            position_ids=batch.position_ids,
         ).logits
     assert torch.isfinite(a).all()
     torch.testing.assert_close(a, b)
@@ -101,9 +101,9 @@ def test_observation_tags_can_carry_labels(tiny):
     samples = make_samples(2, seed=0)
     plain = collate(samples, processor, "stage3", latent_size=2)
     tagged = collate(samples, processor, "stage3", latent_size=2, label_observation_tags=True)
-    tags = (plain["input_ids"] == ids.obs_start) | (plain["input_ids"] == ids.obs_end)
+    tags = (plain.input_ids == ids.obs_start) | (plain.input_ids == ids.obs_end)
     assert tags.any()
-    assert (plain["labels"][tags] == -100).all()  # the reference ignores the tags
-    assert (tagged["labels"][tags] == plain["input_ids"][tags]).all()
-    assert torch.equal(plain["labels"][~tags], tagged["labels"][~tags])
-    assert torch.equal(plain["observation_mask"], tagged["observation_mask"])
+    assert (plain.labels[tags] == -100).all()  # the reference ignores the tags
+    assert (tagged.labels[tags] == plain.input_ids[tags]).all()
+    assert torch.equal(plain.labels[~tags], tagged.labels[~tags])
+    assert torch.equal(plain.observation_mask, tagged.observation_mask)

@@ -14,6 +14,7 @@ import re
 
 import pytest
 import torch
+from archs import ARCHS
 from decode_helpers import (
     LAYOUTS,
     K,
@@ -66,6 +67,7 @@ def reference_decode(
     prompt = text[: -len(LATENT_START)] if starts_latent and layout == "monet_vllm" else text
     enc = processor(text=[prompt], images=item.get("images") or None, return_tensors="pt")
     inputs = [embed_inputs(model, dict(enc))[0]]  # rows of input embeddings
+    deepstack = _stock_deepstack(model, enc)
     positions = [
         rope_position_ids(
             enc["input_ids"], enc["mm_token_type_ids"], enc.get("image_grid_thw"), None, 2
@@ -76,7 +78,14 @@ def reference_decode(
     def forward_last() -> torch.Tensor:
         x = torch.cat(inputs).unsqueeze(0)
         pos = torch.cat(positions, dim=1).unsqueeze(1)
-        return lm(inputs_embeds=x, position_ids=pos, use_cache=False).last_hidden_state[0, -1]
+        extra = {}
+        if deepstack is not None:  # Qwen3-VL: the stock text model adds them to image tokens
+            mask, levels = deepstack
+            visual = torch.zeros(1, x.shape[1], dtype=torch.bool)
+            visual[0, : mask.numel()] = mask
+            extra = {"visual_pos_masks": visual, "deepstack_visual_embeds": levels}
+        out = lm(inputs_embeds=x, position_ids=pos, use_cache=False, **extra)
+        return out.last_hidden_state[0, -1]
 
     out: list[int] = []
     blocks: list[list[torch.Tensor]] = []
@@ -145,6 +154,20 @@ def reference_decode(
         next_pos += 1
         h = forward_last()
     return out, blocks
+
+
+def _stock_deepstack(model, enc) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+    """Qwen3-VL's DeepStack features of one prompt straight from the stock vision tower:
+    (image-token mask [L], per-level [N, H]); None for models without them or no image."""
+    if enc.get("pixel_values") is None or not hasattr(
+        model.config.vision_config, "deepstack_visual_indexes"
+    ):
+        return None
+    out = model.model.get_image_features(
+        enc["pixel_values"], enc["image_grid_thw"], return_dict=True
+    )
+    levels = [torch.cat(list(level)) for level in out.deepstack_features]
+    return enc["input_ids"][0] == model.config.image_token_id, levels
 
 
 def assert_latents_match(got: torch.Tensor, counts: list[int], want: list[list[torch.Tensor]]):
@@ -303,9 +326,13 @@ def test_render_latent_text():
 # ------------------------------------------------------------ generate() vs the oracle
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_greedy_matches_no_cache_reference(layout):
-    model, processor = decode_model(layout)
+# Qwen3-VL (DeepStack in the prefill) with one layout: the layouts differ only in the state
+# machine, which the Qwen2.5-VL cases and the engine-vs-step-loop test cover.
+@pytest.mark.parametrize(
+    "layout, arch", [(layout, ARCHS[0]) for layout in LAYOUTS] + [("sft", ARCHS[1])]
+)
+def test_greedy_matches_no_cache_reference(layout, arch):
+    model, processor = decode_model(layout, arch)
     ids = ids_of(processor)
     # START sampled at output index 1 (entering latent mode from a sampled START) and again at
     # 10; the prompt of input 2 ends with START.
@@ -355,9 +382,10 @@ def test_batch_of_mixed_lengths_equals_each_alone(layout):
         torch.testing.assert_close(batch.latents[b], alone.latents[0], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_engine_matches_python_step_loop(layout):
-    model, processor = decode_model(layout)
+def test_engine_matches_python_step_loop(layout, arch):
+    model, processor = decode_model(layout, arch)
     ids = ids_of(processor)
     proc = force_at({1: ids["S"], 9: ids["S"]})
     items = latent_inputs(processor)
@@ -527,8 +555,10 @@ def _hf_greedy(model, processor, texts, images, max_new_tokens, **kwargs) -> lis
     return rows
 
 
-def test_plain_decoding_equals_hf_generate():
-    model, processor = decode_model("sft")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_plain_decoding_equals_hf_generate(arch):
+    # Qwen3-VL with images: the engine's own layer loop must add DeepStack as HF does.
+    model, processor = decode_model("sft", arch)
     start = ids_of(processor)["S"]
     texts = [text_prompt(processor, q) for q in ("What is the color?", "Count the dots, please.")]
     ours = generate(model, processor, texts, max_new_tokens=12)
@@ -543,16 +573,33 @@ def test_plain_decoding_equals_hf_generate():
     # With images (HF gets mm_token_type_ids from the processor, so it uses mRoPE); START is
     # suppressed on both sides so that no block is entered.
     items = image_inputs(3)
-    ours = generate(model, processor, items, max_new_tokens=10, max_latent_blocks=0)
-    hf = _hf_greedy(
-        model,
-        processor,
-        [i["text"] for i in items],
-        [img for i in items for img in i["images"]],
-        10,
-        suppress_tokens=[start],
+    first: list[torch.Tensor] = []
+
+    def record(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if not first:
+            first.append(logits.clone())
+        return logits
+
+    ours = generate(
+        model, processor, items, max_new_tokens=10, max_latent_blocks=0, logits_processor=record
     )
+    texts = [i["text"] for i in items]
+    images = [img for i in items for img in i["images"]]
+    hf = _hf_greedy(model, processor, texts, images, 10, suppress_tokens=[start])
     assert [s.tolist() for s in ours.sequences] == hf
+    # The prefill's last logits against one stock forward: tokens alone can agree by chance
+    # when a visual input is dropped (measured for DeepStack), logits do not.
+    tok = processor.tokenizer
+    old, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = old
+    with torch.no_grad():
+        want = model(**enc).logits[:, -1].float()
+    want[:, start] = float("-inf")  # the engine masks START at its block cap
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(first[0][finite], want[finite], atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------ sampling, bad inputs

@@ -27,8 +27,8 @@ from monet_fast.eval.report import (
     to_jsonable,
     write_report,
 )
-from monet_fast.eval.scoring import ScoredItem
 from monet_fast.eval.stats import bootstrap_ci, bootstrap_means, paired_bootstrap_delta
+from monet_fast.tasks.scoring import ScoredItem
 
 HIDDEN = 24
 

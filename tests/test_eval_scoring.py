@@ -8,11 +8,8 @@ from judge_stub import StubJudge
 
 from monet_fast.data.types import Sample, Segment
 from monet_fast.decode import collapse_latent_spans
-from monet_fast.eval.scoring import (
-    JudgeError,
-    OpenAIJudge,
-    ScoredItem,
-    accuracy_by_category,
+from monet_fast.eval.scoring import accuracy_by_category
+from monet_fast.tasks.answers import (
     answers_match,
     clean_prediction,
     extract_answer_text,
@@ -20,9 +17,9 @@ from monet_fast.eval.scoring import (
     extract_choice,
     normalize_answer,
     score,
-    score_item,
-    score_predictions,
 )
+from monet_fast.tasks.judge import JudgeError, OpenAIJudge
+from monet_fast.tasks.scoring import ScoredItem, score_item, score_predictions
 
 CHOICES = ["red", "blue", "green", "yellow"]
 

@@ -51,7 +51,7 @@ def test_hf_loop_trains_with_latent_attention_and_stage2_mask(monkeypatch, capsy
     batches = example["stage2_batches"](processor)
     samples = make_samples(4, seed=1)
     for i, batch in enumerate(batches):
-        expect = collate(samples[2 * i : 2 * i + 2], processor, "stage2")["masked_rows"]
+        expect = collate(samples[2 * i : 2 * i + 2], processor, "stage2").masked_rows
         assert torch.equal(batch["masked_rows"], expect)
         assert (expect[..., 1] > expect[..., 0]).any()  # the batch has stage-2 intervals
 

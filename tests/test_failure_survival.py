@@ -13,10 +13,10 @@ import torch
 from judge_stub import StubJudge, mc_sample
 
 from monet_fast.data import make_samples
-from monet_fast.eval.judge import OpenAIJudge
 from monet_fast.eval.runner import EvalConfig, evaluate
-from monet_fast.eval.scoring import score_predictions
 from monet_fast.model import tiny_model
+from monet_fast.tasks.judge import OpenAIJudge
+from monet_fast.tasks.scoring import score_predictions
 from monet_fast.train.filtering import filter_groups
 from monet_fast.train.rewards import MonetReward, RewardResult, RolloutInfo, safe_reward
 from monet_fast.train.rollout import Rollout
@@ -146,7 +146,8 @@ def test_vlpo_step_completes_when_a_reward_raises_on_one_sample(tmp_path, caplog
     the other 3 groups and counts the failure. Step 2: every reward raises -> a broken reward
     function, which stops the run with a clear error instead of skipping steps in silence."""
     from monet_fast.train.metrics import read_metrics
-    from monet_fast.train.vlpo import VLPORecipe, build_rl_config
+    from monet_fast.train.rl_cli import build_rl_config
+    from monet_fast.train.vlpo import VLPORecipe
 
     overrides = [
         "logging.progress=false",

@@ -142,6 +142,7 @@ def _vlpo_update_grads(ce_chunk_size: int = 0, checkpoint: bool = False):
         model.eval()
 
 
+@pytest.mark.slow  # ~8 s on 2 busy cores: two VLPO updates with and without checkpointing
 def test_vlpo_update_checkpointed_equals_plain():
     obj, g_plain = _vlpo_update_grads(checkpoint=False)
     obj_ckpt, g_ckpt = _vlpo_update_grads(checkpoint=True)

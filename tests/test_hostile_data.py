@@ -163,7 +163,7 @@ def test_config_key_allow_outside_root(tmp_path):
 
 
 def test_rl_prompts_refuse_escaping_paths(dataset):
-    from monet_fast.train.rollout import read_prompt_file
+    from monet_fast.train.prompts import read_prompt_file
 
     path = dataset / "rl.jsonl"
     rows = [{"question": "q", "image": "q.png", "answer": "A"}]

@@ -1,4 +1,4 @@
-"""The judge client's transport rules (monet_fast/eval/judge.py) against local stub servers: no
+"""The judge client's transport rules (monet_fast/tasks/judge.py) against local stub servers: no
 API key over plain http except to loopback, Authorization dropped on cross-host redirects,
 bounded retries with jittered exponential backoff and Retry-After, and the key never in an error,
 a repr or a log line."""
@@ -13,13 +13,13 @@ import time
 import pytest
 from judge_stub import StubJudge, mc_sample
 
-from monet_fast.eval.judge import (
+from monet_fast.tasks.judge import (
     JudgeError,
     OpenAIJudge,
     redact_url,
     retry_after_seconds,
 )
-from monet_fast.eval.scoring import score_item
+from monet_fast.tasks.scoring import score_item
 
 KEY_ENV = "MONET_TEST_JUDGE_KEY"
 SECRET = "sk-live-DoNotLeak-0123456789abcdef"

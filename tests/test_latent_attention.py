@@ -13,15 +13,11 @@ import importlib
 import pytest
 import torch
 from monet_fast.kernels.latent_attention import (
-    FULL,
-    PARTIAL,
-    ROW_END,
-    SKIP,
-    LatentMaskPlan,
     dense_mask,
     latent_attention,
     latent_attention_reference,
 )
+from monet_fast.kernels.latent_mask_plan import FULL, PARTIAL, ROW_END, SKIP, LatentMaskPlan
 
 from monet_fast.bench.latent_attention import allowed_pairs, stage2_masked_rows
 

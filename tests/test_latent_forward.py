@@ -1,6 +1,8 @@
 """Batched one-pass latent forward vs stock HF, a no-cache recompute loop and the two-pass
 reference (values and gradients), on the tiny model."""
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -55,20 +57,21 @@ def _teacher(out_states, seed=0):
     return [torch.randn(s.shape, generator=g) for s in out_states]
 
 
-def test_no_latent_logits_equal_stock_hf(tiny):
-    model, processor = tiny
+def test_no_latent_logits_equal_stock_hf(tiny_arch):
+    # Qwen3-VL: also checks DeepStack (the stock forward adds per-layer visual features).
+    _, model, processor = tiny_arch
     samples = [make_sample(0, 1), make_sample(1, 1, words=5)]
     batch = collate(samples, processor, "stage1")
     out = latent_forward(model, batch, return_logits=True)
     with torch.no_grad():
         ref = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
-            image_grid_thw=batch["image_grid_thw"],
-            mm_token_type_ids=batch["mm_token_type_ids"],
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            pixel_values=batch.pixel_values,
+            image_grid_thw=batch.image_grid_thw,
+            mm_token_type_ids=batch.mm_token_type_ids,
         ).logits
-    valid = batch["attention_mask"].bool()
+    valid = batch.attention_mask.bool()
     torch.testing.assert_close(out.logits[valid], ref[valid], atol=1e-4, rtol=1e-4)
     assert out.latents[0].shape == (0, model.config.text_config.hidden_size)
 
@@ -81,11 +84,9 @@ def test_latents_equal_no_cache_recompute(tiny, stage):
     with torch.no_grad():
         out = latent_forward(model, batch)
         embeds = embed_inputs(model, batch)
-        dense = allowed_mask(
-            batch["masked_rows"], batch["input_ids"].shape[1], batch["attention_mask"]
-        )
+        dense = allowed_mask(batch.masked_rows, batch.input_ids.shape[1], batch.attention_mask)
         lm = model.model.language_model
-        for b, lay in enumerate(batch["layouts"]):
+        for b, lay in enumerate(batch.layouts):
             x = embeds[b : b + 1].clone()
             naive = []
             for p in lay.slot_positions:
@@ -96,7 +97,7 @@ def test_latents_equal_no_cache_recompute(tiny, stage):
                 )
                 h = lm(
                     inputs_embeds=x[:, :p],
-                    position_ids=batch["position_ids"][:, b : b + 1, :p],
+                    position_ids=batch.position_ids[:, b : b + 1, :p],
                     attention_mask=mask,
                 ).last_hidden_state
                 x[0, p] = h[0, -1]
@@ -109,8 +110,8 @@ def _grads(model):
 
 
 @pytest.mark.parametrize("stage", ["stage2", "stage3"])
-def test_batched_equals_two_pass_reference(tiny, stage):
-    model, processor = tiny
+def test_batched_equals_two_pass_reference(tiny_arch, stage):
+    _, model, processor = tiny_arch
     samples = [make_sample(0, 1), make_sample(1, 2, words=4), make_sample(2, 1, words=1)]
     batch = collate(samples, processor, stage, latent_size=K)
     with torch.no_grad():
@@ -145,8 +146,8 @@ def test_stage2_alignment_reaches_parameters_only_through_latents(tiny):
     batch = collate([make_sample(0, 1)], processor, "stage2", latent_size=K)
     with torch.no_grad():
         teacher = _teacher(latent_forward(model, batch, return_states=True).obs_states)
-    ids = batch["input_ids"][0].tolist()
-    lay = batch["layouts"][0]
+    ids = batch.input_ids[0].tolist()
+    lay = batch.layouts[0]
     first_slot = lay.slot_positions[0]
     # Tokens that occur only after the latent block: the latents cannot depend on them.
     late = {ids[p] for p in lay.observation_positions} - set(ids[:first_slot])
@@ -211,7 +212,7 @@ def test_bad_teacher_and_latents_are_clear_errors(tiny):
             latent_forward(model, batch, teacher=states * 2)
         with pytest.raises(ValueError, match="latents must be"):
             latent_forward(model, batch, latents=[torch.zeros(K + 1, 64)])
-        wrong_k = dict(batch, latent_size=K + 1)
+        wrong_k = dataclasses.replace(batch, latent_size=K + 1)
         with pytest.raises(ValueError, match="expected latent_size=4"):
             latent_forward(model, wrong_k)
 
@@ -230,11 +231,21 @@ def test_given_latents_are_fed(tiny):
 def test_triton_latent_attention_path_equals_dense_sdpa(tiny):
     """With "monet_latent" (Triton kernel, compact mask) the forward and gradients equal the
     dense-mask SDPA path; mixed layouts exercise inner padding columns."""
+    _triton_equals_sdpa(*tiny)
+
+
+@pytest.mark.slow
+def test_triton_latent_attention_path_equals_dense_sdpa_qwen3_vl():
+    """The same on Qwen3-VL (q/k norms, interleaved mRoPE, DeepStack between segments)."""
+    model, processor = tiny_model(seed=0, arch="qwen3_vl")
+    _triton_equals_sdpa(model, processor)
+
+
+def _triton_equals_sdpa(model, processor) -> None:
     import copy
 
     from monet_fast.model.attention import use_latent_attention
 
-    model, processor = tiny
     fast = use_latent_attention(copy.deepcopy(model))
     samples = [make_sample(0, 1), make_sample(1, 2, words=4)]
     batch = collate(samples, processor, "stage2", latent_size=K)

@@ -17,8 +17,8 @@ def processor():
 
 def _mask(batch, tid: TokenIds) -> torch.Tensor:
     return mask_from_ids(
-        batch["input_ids"], tid.image_pad, tid.latent_start, tid.latent_pad,
-        batch["attention_mask"],
+        batch.input_ids, tid.image_pad, tid.latent_start, tid.latent_pad,
+        batch.attention_mask,
     )  # fmt: skip
 
 
@@ -28,10 +28,10 @@ def test_mask_from_ids_equals_collate(processor, side):
     samples = make_samples(4, seed=3, n_distractors=1)
     batch = collate(samples, processor, "stage2", latent_size=3, padding_side=side)
     got = _mask(batch, tid)
-    assert got.dtype == torch.int32 and got.shape == (*batch["input_ids"].shape, 4)
+    assert got.dtype == torch.int32 and got.shape == (*batch.input_ids.shape, 4)
     # Each sample has aux images: the mask is not trivially all padding / zeros.
     assert (got[..., 3] > 0).sum(-1).min() > 0
-    assert torch.equal(got, batch["masked_rows"])
+    assert torch.equal(got, batch.masked_rows)
 
 
 def test_question_images_and_stage3_blocks_mask_nothing(processor):
@@ -39,9 +39,9 @@ def test_question_images_and_stage3_blocks_mask_nothing(processor):
     the question image comes before the first block."""
     tid = TokenIds.from_tokenizer(processor.tokenizer)
     batch = collate(make_samples(2, seed=1), processor, "stage3", latent_size=2)
-    assert (batch["input_ids"] == tid.latent_start).any() and (batch["input_ids"] == tid.image_pad).any()  # fmt: skip
+    assert (batch.input_ids == tid.latent_start).any() and (batch.input_ids == tid.image_pad).any()  # fmt: skip
     got = _mask(batch, tid)
-    pad = ~batch["attention_mask"].bool()
+    pad = ~batch.attention_mask.bool()
     assert torch.equal(got[..., 1], pad.int() * got.shape[1])
     assert not got[..., [0, 2, 3]].any()
 

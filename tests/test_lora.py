@@ -26,10 +26,10 @@ from monet_fast.model.lora import (  # noqa: E402
     add_lora,
     export_merged,
     lora_layers,
-    quantization_config,
-    unwrap,
 )
+from monet_fast.model.quantize import quantization_config  # noqa: E402
 from monet_fast.model.tiny import tiny_model  # noqa: E402
+from monet_fast.model.unwrap import unwrap  # noqa: E402
 from monet_fast.train.config import ConfigError, load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,7 +255,8 @@ VLPO_FAST = [
 
 
 def _vlpo_recipe(tmp_path):
-    from monet_fast.train.vlpo import VLPORecipe, build_rl_config
+    from monet_fast.train.rl_cli import build_rl_config
+    from monet_fast.train.vlpo import VLPORecipe
 
     cfg = build_rl_config(TINY / "vlpo.yaml", VLPO_FAST, output=tmp_path / "rl", init=None)
     recipe = VLPORecipe(cfg)
@@ -263,6 +264,7 @@ def _vlpo_recipe(tmp_path):
     return recipe
 
 
+@pytest.mark.slow  # ~9 s on 2 busy cores: a VLPO recipe set-up with LoRA (DeepSpeed engine)
 def test_vlpo_reference_is_the_base_with_adapters_disabled(tmp_path):
     from monet_fast.train.rollout import build_replay_batch, generate_rollouts
     from monet_fast.train.vlpo import score_steps

@@ -17,7 +17,9 @@ from monet_fast.model.latent import latent_forward
 from monet_fast.model.tiny import tiny_model
 from monet_fast.train.config import load_config
 from monet_fast.train.plan import (
+    PRESETS,
     QWEN2_5_VL_7B,
+    QWEN3_VL_8B,
     Settings,
     activation_bytes,
     checkpoint_inputs_bytes,
@@ -39,6 +41,9 @@ SIZE = {
     "num_key_value_heads": 2,
 }
 STAGE = {"1": "stage1", "2": "stage2"}
+# Qwen3-VL's explicit head_dim, here unlike hidden / heads (as in Qwen3-VL-4B: 2560 / 32 != 128):
+# 8 heads of 64 make the attention 512 wide over a 256-wide residual stream.
+HEAD_DIM = {"head_dim": 64}
 
 
 def test_param_count_matches_model():
@@ -47,8 +52,8 @@ def test_param_count_matches_model():
     assert abs(QWEN2_5_VL_7B.params() - 8.29e9) < 0.01e9  # Qwen2.5-VL-7B: 8.29 B parameters
 
 
-def _measure(stage: str) -> tuple[dict[str, int], Settings]:
-    model, proc = tiny_model(seed=0, **SIZE)
+def _measure(stage: str, arch: str = "qwen2_5_vl", **extra) -> tuple[dict[str, int], Settings]:
+    model, proc = tiny_model(seed=0, arch=arch, **SIZE, **extra)
     model.train()
     model.model.visual.requires_grad_(False)  # frozen in SFT
     batch = collate(make_samples(2, seed=1), proc, STAGE[stage], latent_size=8)
@@ -71,8 +76,8 @@ def _measure(stage: str) -> tuple[dict[str, int], Settings]:
         out = latent_forward(model, batch, teacher=teacher)
     out.loss.backward()
     opt.step()
-    bsz, seq = batch["input_ids"].shape
-    blocks = max(len(lay.latent_blocks) for lay in batch["layouts"]) if stage != "1" else 0
+    bsz, seq = batch.input_ids.shape
+    blocks = max(len(lay.latent_blocks) for lay in batch.layouts) if stage != "1" else 0
     settings = Settings(
         stage=stage,
         gpus=1,
@@ -100,10 +105,19 @@ def _measure(stage: str) -> tuple[dict[str, int], Settings]:
     return measured, settings
 
 
-@pytest.mark.parametrize("stage", ["1", "2"])
-def test_prediction_within_15_percent_of_measured(stage):
-    measured, s = _measure(stage)
-    dims = tiny_dims(**SIZE)
+@pytest.mark.parametrize(
+    "stage, arch, extra",
+    [
+        ("1", "qwen2_5_vl", {}),
+        ("2", "qwen2_5_vl", {}),
+        ("1", "qwen3_vl", HEAD_DIM),
+        ("2", "qwen3_vl", HEAD_DIM),
+    ],
+    ids=["1", "2", "qwen3-head_dim-1", "qwen3-head_dim-2"],
+)
+def test_prediction_within_15_percent_of_measured(stage, arch, extra):
+    measured, s = _measure(stage, arch, **extra)
+    dims = tiny_dims(arch=arch, **SIZE, **extra)
     p = plan(dims, s)
     predicted = {k: p["terms_gib"][k] * 2**30 for k in ("weights", "gradients", "optimizer")}
     predicted["activations"] = activation_bytes(dims, s) + logits_bytes(dims, s, saved_only=True)
@@ -112,6 +126,20 @@ def test_prediction_within_15_percent_of_measured(stage):
     # The activation model alone, not only the parameter-dominated total.
     assert predicted["activations"] == pytest.approx(measured["activations"], rel=0.15)
     assert sum(predicted.values()) == pytest.approx(sum(measured.values()), rel=0.15)
+
+
+@pytest.mark.parametrize("extra", [{}, HEAD_DIM, {**HEAD_DIM, "attention_bias": True}])
+def test_param_count_honours_qwen3_head_dim(extra):
+    """Qwen3-VL: q/o are heads x head_dim wide, k/v kv_heads x head_dim, q/k RMSNorm, biases only
+    with attention_bias; the vision tower's LayerNorms, plain MLP, learned positions and DeepStack
+    mergers. Exact against the stock model; the 8B preset against its released size."""
+    model, _ = tiny_model(seed=0, arch="qwen3_vl", **SIZE, **extra)
+    dims = tiny_dims(arch="qwen3_vl", **SIZE, **extra)
+    assert dims.params() == sum(p.numel() for p in model.parameters())
+    q = model.model.language_model.layers[0].self_attn.q_proj.weight
+    assert q.shape[0] == dims.attn_hidden == 8 * extra.get("head_dim", 32)
+    assert abs(QWEN3_VL_8B.params() - 8.77e9) < 0.01e9  # Qwen3-VL-8B-Instruct: 8.77 B parameters
+    assert resolve_model("qwen3_vl_8b")[0] == QWEN3_VL_8B
 
 
 def test_options_lower_the_terms_they_target():
@@ -173,7 +201,7 @@ def _checkpoint_kept_bytes(layers: int) -> tuple[int, Settings]:
         latent_forward(model, batch, teacher=teacher)
     for h in hooks:
         h.remove()
-    bsz, seq = batch["input_ids"].shape
+    bsz, seq = batch.input_ids.shape
     s = Settings(stage="2", gpus=1, seq_len=seq, micro_batch=bsz, dtype="fp32", checkpointing=True)
     return sum(seen.values()), s
 
@@ -187,18 +215,22 @@ def test_checkpointing_keeps_layer_inputs_per_layer():
     assert per_layer == pytest.approx((kept4 - kept2) / 2, rel=0.15)
 
 
-VARIANTS = sorted((ROOT / "configs" / "qwen2_5_vl_7b").glob("*/*.yaml"))
+FAMILIES = ("qwen2_5_vl_7b", "qwen3_vl_8b")
+VARIANTS = sorted(p for f in FAMILIES for p in (ROOT / "configs" / f).glob("*/*.yaml"))
 _GPUS = {"1x80gb_lora": "1x80GB", "8x24gb": "8x24GB"}
 
 
 def test_variant_recipes_are_all_here():
-    names = {f"{p.parent.name}/{p.name}" for p in VARIANTS}
-    for variant in _GPUS:
-        for stage in ("stage1", "stage2", "stage3", "vlpo"):
-            assert f"{variant}/{stage}.yaml" in names
+    names = {f"{p.parent.parent.name}/{p.parent.name}/{p.name}" for p in VARIANTS}
+    for family in FAMILIES:
+        for variant in _GPUS:
+            for stage in ("stage1", "stage2", "stage3", "vlpo"):
+                assert f"{family}/{variant}/{stage}.yaml" in names
 
 
-@pytest.mark.parametrize("path", VARIANTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize(
+    "path", VARIANTS, ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}/{p.name}"
+)
 def test_variant_recipes_load_and_carry_the_plans_prediction(path):
     if path.stem == "vlpo":
         cfg = load_rl_config(path, ["model.init=/m"])
@@ -210,6 +242,8 @@ def test_variant_recipes_load_and_carry_the_plans_prediction(path):
     if path.parent.name.endswith("lora"):
         assert cfg.model.lora is not None
     dims, found = resolve_model(str(path))
+    # No model in the file (model.init is --init's): the plan takes configs/<preset>/'s dims.
+    assert dims == PRESETS[path.parent.parent.name]
     n, gib = parse_gpus(_GPUS[path.parent.name])
     p = plan(dims, Settings(**found, gpus=n, gpu_gib=gib))
     assert p["fits"]

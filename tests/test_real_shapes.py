@@ -7,11 +7,15 @@ MLPs. The tiny model (head_dim 16, mRoPE [2, 3, 3]) cannot show shape assumption
 run the stage-2/3 latent forward against the two-pass reference (values and gradients), the
 Triton latent-attention kernel at head_dim 128 (GQA 28/4) and 80 on the real batch's mask,
 `generate()` against the Python step loop, and one VLPO update — on a batch of two samples with
-different layouts, small images (one spans two vision windows) and K = 2 latents, to keep the
-file under a minute on 2 cores. The stage-2 forward through "monet_latent" at these shapes is
-left out on purpose: the Triton interpreter pays per program (B x 28 heads x query tiles, for
-every segment and layer), ~14 CPU-s; the kernel test below covers the kernel at these shapes
-and test_latent_forward.py the model-level glue.
+different layouts, small images (one spans two vision windows) and K = 2 latents.
+`geometry="qwen3_vl_8b"` (hidden 4096, 32 query / 8 KV heads of an explicit head_dim 128,
+q/k RMSNorm, interleaved mRoPE [24, 20, 20] at theta 5e6; vision 1152 wide, 16 heads of 72,
+patch 16; a DeepStack level with the real 4608 -> 4096 merger) runs the config check, the
+stage-2 forward against the reference, the kernel at head_dim 72 and `generate()`.
+The stage-2 forward through "monet_latent" at these shapes is left out on purpose: the Triton
+interpreter pays per program (B x 28 heads x query tiles, for every segment and layer),
+~14 CPU-s; the kernel test below covers the kernel at these shapes and test_latent_forward.py
+the model-level glue.
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ from monet_fast.model.tiny import GEOMETRIES, tiny_model
 from monet_fast.model.tokens import TokenIds
 
 GEOMETRY = "qwen2_5_vl_7b"
+GEOMETRIES_UNDER_TEST = (GEOMETRY, "qwen3_vl_8b")
 K = 2
 
-# About 50 CPU-s for the file: part of `make test`, not of `make test-fast`.
+# ~115 s for the file on 2 busy cores (the Qwen3-VL-8B cases ~40 s of it): part of `make test`,
+# not of `make test-fast`.
 pytestmark = pytest.mark.slow
 
 
@@ -68,9 +74,18 @@ def _samples() -> list[Sample]:
 
 
 @pytest.fixture(scope="module")
-def real():
-    model, processor = tiny_model(0, geometry=GEOMETRY, latent_size=K)
-    return model, processor
+def _built() -> dict:
+    """Models built so far in this module, by geometry (each built once, freed at the end)."""
+    return {}
+
+
+@pytest.fixture(params=GEOMETRIES_UNDER_TEST)
+def real(request, _built):
+    """(model, processor) of one geometry. Tests pin a geometry with
+    `@pytest.mark.parametrize("real", [...], indirect=True)`."""
+    if request.param not in _built:
+        _built[request.param] = tiny_model(0, geometry=request.param, latent_size=K)
+    return _built[request.param]
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
@@ -91,6 +106,7 @@ def _assert_grads_close(model, want: dict[str, torch.Tensor], atol: float, rtol:
             )
 
 
+@pytest.mark.parametrize("real", [GEOMETRY], indirect=True)
 def test_config_has_the_7b_attention_geometry(real):
     model, processor = real
     text, vision = model.config.text_config, model.config.vision_config
@@ -118,26 +134,67 @@ def test_config_has_the_7b_attention_geometry(real):
     assert GEOMETRY in GEOMETRIES
 
 
-@pytest.mark.parametrize("stage", ["stage2", "stage3"])
+@pytest.mark.parametrize("real", ["qwen3_vl_8b"], indirect=True)
+def test_config_has_the_qwen3_vl_8b_attention_geometry(real):
+    """Qwen3-VL-8B: 32 query / 8 KV heads of an explicit head_dim 128 with q/k RMSNorm,
+    interleaved mRoPE [24, 20, 20] at theta 5e6, a vision tower 1152 wide (16 heads of 72, patch
+    16, 48 x 48 learned positions) and a DeepStack level (a 4608 -> 4096 merger) feeding
+    decoder layer 0, which layer 1 then reads."""
+    model, processor = real
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+    assert processor.model_type == "qwen3_vl"
+    text, vision = model.config.text_config, model.config.vision_config
+    attn = model.model.language_model.layers[0].self_attn
+    assert (attn.head_dim, text.num_attention_heads, text.num_key_value_heads) == (128, 32, 8)
+    assert text.head_dim == 128 and text.hidden_size == 4096
+    assert attn.q_proj.weight.shape == (4096, 4096) and attn.k_proj.weight.shape == (1024, 4096)
+    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (128,)
+    rope = text.rope_parameters
+    assert rope["mrope_section"] == [24, 20, 20] and rope["mrope_interleaved"] is True
+    assert rope["rope_theta"] == 5e6
+    assert model.model.language_model.rotary_emb.inv_freq.numel() == 64  # head_dim / 2
+    blk = model.model.visual.blocks[0].attn
+    assert (blk.num_heads, blk.head_dim, blk.qkv.weight.shape) == (16, 72, (3456, 1152))
+    assert model.model.visual.pos_embed.weight.shape == (2304, 1152)
+    assert vision.deepstack_visual_indexes == [0] and text.num_hidden_layers == 2
+    mergers = [model.model.visual.merger, *model.model.visual.deepstack_merger_list]
+    assert [m.linear_fc2.weight.shape for m in mergers] == [(4096, 4608)] * 2
+    ip = processor.image_processor
+    assert (ip.patch_size, ip.merge_size, ip.temporal_patch_size) == (16, 2, 2)
+    # 140 x 56 px -> 128 x 64 (multiples of 32 px) -> 4 x 8 patches of 16 px -> 2 x 4 tokens.
+    grid = processor.image_processor(images=[_img(0, *WIDE)], return_tensors="pt")["image_grid_thw"]
+    assert grid.tolist() == [[1, 4, 8]]
+    with pytest.raises(ValueError, match="is a 'qwen3_vl' model, got arch='qwen2_5_vl'"):
+        tiny_model(0, geometry="qwen3_vl_8b", arch="qwen2_5_vl")
+
+
+# Qwen3-VL-8B runs stage 2 only (~30 CPU-s a stage): its aux images sit between latent blocks,
+# so DeepStack features reach image tokens in several segments.
+@pytest.mark.parametrize(
+    "real, stage",
+    [(GEOMETRY, "stage2"), (GEOMETRY, "stage3"), ("qwen3_vl_8b", "stage2")],
+    indirect=["real"],
+)
 def test_latent_forward_equals_two_pass_reference(real, stage):
     """Batched one-pass latent forward == the per-sample two-pass reference (consistent mask,
     no detach), values and gradients of every parameter (vision tower included)."""
     model, processor = real
     batch = collate(_samples(), processor, stage, latent_size=K)
     # The two samples place their latent block at different positions (inner padding).
-    assert len({lay.slot_positions[0] for lay in batch["layouts"]}) == 2
+    assert len({lay.slot_positions[0] for lay in batch.layouts}) == 2
     # Teacher targets: all-layer states at the observation tokens (stage 2) or latent slots
     # (stage 3), [layers + 1, n, hidden] per sample; random values suffice for a comparison.
     g = torch.Generator().manual_seed(1)
     layers = model.config.text_config.num_hidden_layers
+    hidden = model.config.text_config.hidden_size
     teacher = [
         torch.randn(
             layers + 1,
             len(lay.observation_positions if stage == "stage2" else lay.slot_positions),
-            3584,
+            hidden,
             generator=g,
         )
-        for lay in batch["layouts"]
+        for lay in batch.layouts
     ]
     try:
         model.zero_grad()
@@ -147,17 +204,21 @@ def test_latent_forward_equals_two_pass_reference(real, stage):
         ref.loss.backward()
         ref_grads = _grads(model)
         assert any(n.startswith("model.visual.") for n in ref_grads)  # the images reach the loss
+        for level in getattr(model.model.visual, "deepstack_merger_list", ()):
+            # Each DeepStack level reaches the loss (through the decoder layer it feeds).
+            grad = level.linear_fc2.weight.grad
+            assert grad is not None and grad.abs().max() > 0
 
         model.zero_grad()
         ours = latent_forward(model, batch, teacher=teacher)
         ours.loss.backward()
         for a, b in zip(ours.latents, ref.latents):
-            assert a.shape == (K, 3584)
+            assert a.shape == (K, hidden)
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(ours.loss, ref.loss, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.ce_loss, ref.ce_loss, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.align_loss, ref.align_loss, atol=1e-5, rtol=1e-5)
-        # Measured margin: the worst gradient entry is ~25x inside this tolerance.
+        # Measured margin: the worst gradient entry is ~25x (7B), ~37x (8B) inside this tolerance.
         _assert_grads_close(model, ref_grads, atol=1e-5, rtol=1e-3)
     finally:
         model.zero_grad()
@@ -165,21 +226,21 @@ def test_latent_forward_equals_two_pass_reference(real, stage):
 
 @pytest.mark.parametrize(
     "n_heads, n_kv_heads, head_dim",
-    [(28, 4, 128), (16, 16, 80)],
-    ids=["text-128-gqa7", "vision-80"],
+    [(28, 4, 128), (16, 16, 80), (16, 16, 72)],
+    ids=["text-128-gqa7", "vision-80", "qwen3-8b-vision-72"],
 )
 def test_latent_attention_kernel_at_real_head_shapes(n_heads, n_kv_heads, head_dim):
     """Triton latent attention == the dense-mask SDPA reference, forward and backward, at the
     7B's text heads (128, 28 query / 4 KV) and its vision head size (80, BLOCK_D 128 with the
-    upper 48 lanes masked), on the stage-2 mask and right padding of the real batch, with
+    upper 48 lanes masked) and Qwen3-VL-8B's vision head size (72), on the stage-2 mask and right padding of the real batch, with
     q/k/v as HF passes them (strided views of [B, S, H, D])."""
     from monet_fast.kernels.latent_attention import latent_attention, latent_attention_reference
 
     from monet_fast.model.tiny import tiny_processor
 
     batch = collate(_samples(), tiny_processor(), "stage2", latent_size=K)
-    mr, kv_lens = batch["masked_rows"], batch["attention_mask"].sum(1)
-    B, S = batch["input_ids"].shape
+    mr, kv_lens = batch.masked_rows, batch.attention_mask.sum(1)
+    B, S = batch.input_ids.shape
     assert kv_lens.min() < S  # one row is padded
     g = torch.Generator().manual_seed(0)
     leaves = [
@@ -236,12 +297,15 @@ def test_generate_equals_python_step_loop(real):
     assert ours.latent_counts == loop.latent_counts
     assert all(counts and counts[0] >= 1 for counts in ours.latent_counts)
     for a, b in zip(ours.latents, loop.latents):
-        assert a.shape[-1] == 3584 and a.abs().sum() > 0
+        assert a.shape[-1] == model.config.text_config.hidden_size and a.abs().sum() > 0
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     # Different prompts (layouts) give different latents.
     assert not torch.allclose(ours.latents[0], ours.latents[1], atol=1e-3)
 
 
+# The 7B only: past the forward (covered above for both) the update is architecture-agnostic,
+# and test_arch.py runs VLPO on the tiny Qwen3-VL.
+@pytest.mark.parametrize("real", [GEOMETRY], indirect=True)
 def test_one_vlpo_update(real):
     """Rollouts from generate() -> replay batch -> VLPO objective (token and latent terms) ->
     backward -> one SGD step; finite, non-zero gradients. (That an update moves the replayed

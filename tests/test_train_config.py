@@ -3,6 +3,7 @@ building, LR schedule and the global data order (no model, no DeepSpeed engine: 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,8 +16,11 @@ from monet_fast.train.loop import build_deepspeed_config, lr_lambda
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*/stage*.yaml"))
 
-# Extra flags the 7B configs need (they have no model or stage-2 teacher path on purpose).
-_NEEDS = {"qwen2_5_vl_7b": ["model.init=/models/stage1", "teacher.model=/models/stage2"]}
+# Extra flags the 7B / 8B configs need (they have no model or stage-2 teacher path on purpose).
+_NEEDS = {
+    family: ["model.init=/models/stage1", "teacher.model=/models/stage2"]
+    for family in ("qwen2_5_vl_7b", "qwen3_vl_8b")
+}
 
 
 def _base(**extra) -> dict:
@@ -28,7 +32,7 @@ def _base(**extra) -> dict:
 
 def test_shipped_configs_are_all_here():
     names = {f"{p.parent.name}/{p.name}" for p in CONFIGS}
-    for family in ("tiny", "qwen2_5_vl_7b"):
+    for family in ("tiny", "qwen2_5_vl_7b", "qwen3_vl_8b"):
         for stage in (1, 2, 3):
             assert f"{family}/stage{stage}.yaml" in names
 
@@ -57,6 +61,30 @@ def test_7b_configs_carry_reference_hyper_parameters():
         c = load_config(d / f"stage{stage}.yaml", ["model.init=/m", "teacher.model=/t"])
         assert (c.trainer.epochs, c.model.latent_size, c.loss.obs_weight) == (2, 8, 4.0)
         assert c.loss.align_weight == 2.0 and c.optim.lr == 1e-5
+
+
+_RECIPES = [f"{v}{n}.yaml" for v in ("", "1x80gb_lora/", "8x24gb/") for n in ("stage1", "stage2", "stage3", "vlpo")]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", _RECIPES)
+def test_qwen3_vl_8b_recipes_mirror_the_7b(name):
+    """configs/qwen3_vl_8b/ loads and validates, and equals the 7B recipe field for field (the
+    reference's hyper-parameters; no 8B reference exists), except where the 8B's size needs it:
+    chunked CE in the 8 x 24 GB VLPO (24.2 GiB predicted with full logits)."""
+    from monet_fast.train.vlpo import load_rl_config
+
+    load = load_rl_config if name.endswith("vlpo.yaml") else load_config
+    teacher = ["teacher.model=/t"] if "stage2" in name or "stage3" in name else []
+    overrides = ["model.init=/m", *teacher]
+    cfg_7b, cfg_8b = (load(ROOT / "configs" / d / name, overrides) for d in ("qwen2_5_vl_7b", "qwen3_vl_8b"))  # fmt: skip
+    assert cfg_8b.source == str(ROOT / "configs" / "qwen3_vl_8b" / name)
+    assert cfg_8b.resolved_deepspeed_json().is_file()
+    assert cfg_8b.resolved_deepspeed_json().name == cfg_7b.resolved_deepspeed_json().name
+    want = dataclasses.asdict(cfg_7b)
+    if name == "8x24gb/vlpo.yaml":
+        want["vlpo"]["ce_chunk_size"] = 512
+    want["source"] = cfg_8b.source
+    assert dataclasses.asdict(cfg_8b) == want
 
 
 def test_overrides_types_and_yaml_numbers():

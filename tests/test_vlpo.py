@@ -12,8 +12,8 @@ import torch
 from monet_fast.kernels import gaussian_logprob
 
 from monet_fast.data import make_samples
-from monet_fast.eval.scoring import JudgeError
 from monet_fast.model.tokens import TokenIds
+from monet_fast.tasks.judge import JudgeError
 from monet_fast.train import grpo
 from monet_fast.train import rewards as R
 from monet_fast.train.rollout import (
@@ -256,13 +256,13 @@ def test_replay_steps_count_sampled_tokens_and_pair_latents_with_the_previous_po
     ro = _manual_rollout(processor, [a, S, P, P, P, E, b, EOS], K)
     for pairing, shift in (("correct", 1), ("reference", 0)):
         rb = build_replay_batch([ro], processor, K, pairing=pairing)
-        p0 = int(rb.batch["attention_mask"][0].sum()) - 8  # prompt length
+        p0 = int(rb.batch.attention_mask[0].sum()) - 8  # prompt length
         # Token steps: a, S, b, EOS (not the latent slots, not the forced E).
         assert rb.tok_target.tolist() == [a, S, b, EOS]
         assert rb.tok_col.tolist() == [p0 - 1, p0, p0 + 5, p0 + 6]
         slots = [p0 + 2, p0 + 3, p0 + 4]
         assert rb.lat_col.tolist() == [s - shift for s in slots]
-        assert rb.batch["layouts"][0].slot_positions == slots
+        assert rb.batch.layouts[0].slot_positions == slots
         assert rb.n_steps == 7
     # Cut inside a block: S is a sampled token, the incomplete slots are no steps.
     cut = _manual_rollout(processor, [a, S, P], 0, truncated=True)
@@ -342,13 +342,13 @@ def _plain_token_logps(model, rb, temperature, ban):
 
     batch = rb.batch
     embeds = embed_inputs(model, batch).clone()
-    for row, lay in enumerate(batch["layouts"]):
+    for row, lay in enumerate(batch.layouts):
         if lay.slot_positions:
             embeds[row, lay.slot_positions] = rb.latents[row].to(embeds.dtype)
     out = model.model.language_model(
         inputs_embeds=embeds,
-        position_ids=batch["position_ids"],
-        attention_mask=batch["attention_mask"],
+        position_ids=batch.position_ids,
+        attention_mask=batch.attention_mask,
     )
     hidden = out.last_hidden_state
     logits = ban(model.lm_head(hidden).float() / temperature)
@@ -386,7 +386,7 @@ def test_latent_forward_return_hidden_is_post_norm_in_batch_coordinates(rollouts
         res = latent_forward(
             model, rb.batch, latents=rb.latents, return_hidden=True, return_logits=True
         )
-    mask = rb.batch["attention_mask"].bool()
+    mask = rb.batch.attention_mask.bool()
     assert res.hidden.shape == (*mask.shape, model.config.text_config.hidden_size)
     assert res.hidden[~mask].abs().sum() == 0
     torch.testing.assert_close(
@@ -397,7 +397,7 @@ def test_latent_forward_return_hidden_is_post_norm_in_batch_coordinates(rollouts
 def test_prompt_files_and_prompt_preparation(tmp_path):
     import json
 
-    from monet_fast.train.rollout import load_prompts, prepare_prompt
+    from monet_fast.train.prompts import load_prompts, prepare_prompt
     from monet_fast.train.vlpo import RLDataSection
 
     img = make_samples(1, 0)[0].question_images[0]

@@ -19,14 +19,10 @@ import torch
 from monet_fast.train.config import ConfigError
 from monet_fast.train.metrics import read_metrics
 from monet_fast.train.rewards import RewardResult
-from monet_fast.train.vlpo import (
-    VLPORecipe,
-    VLPOTrainModule,
-    build_rl_config,
-    load_rl_config,
-    rl,
-    score_steps,
-)
+from monet_fast.train.rl_cli import build_rl_config, rl
+from monet_fast.train.vlpo import VLPORecipe
+from monet_fast.train.vlpo_config import load_rl_config
+from monet_fast.train.vlpo_module import VLPOTrainModule, score_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny" / "vlpo.yaml"
@@ -215,6 +211,7 @@ def test_without_filtering_equal_rewards_give_zero_policy_gradient(tmp_path, sft
 # ------------------------------------------------------------------------------- accumulation, resume
 
 
+@pytest.mark.slow  # ~3.5 s on 2 busy cores: two VLPO runs
 def test_micro_batch_split_gives_the_same_update(tmp_path, sft_model):
     """SGD (update = lr x grad, no clipping/decay) exposes any normalisation error."""
     sgd = ["optim.name=sgd", "optim.lr=0.5", "optim.grad_clip=0", "optim.weight_decay=0"]
@@ -236,6 +233,7 @@ def test_micro_batch_split_gives_the_same_update(tmp_path, sft_model):
     assert sum(not torch.equal(a[k], init[k]) for k in a) > 10
 
 
+@pytest.mark.slow  # ~4 s on 2 busy cores: three VLPO runs with checkpoints
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, sft_model, monkeypatch):
     args = ["trainer.save_every=2", "trainer.export=true", "optim.lr=1e-3", "data.n=12"]
     # 12 prompts / 4 per step = 3 steps per epoch: the 4-step run crosses an epoch boundary.
@@ -303,7 +301,7 @@ def _independent_means(model, replay, token_ids) -> list[torch.Tensor]:
     its closed blocks, and mu_k = the post-norm last hidden state one position before slot k (the
     position whose output was fed into slot k at rollout)."""
     b = replay.batch
-    ids = b["input_ids"]
+    ids = b.input_ids
     with torch.no_grad():
         emb = model.get_input_embeddings()(ids).clone()
         slots = []
@@ -314,10 +312,10 @@ def _independent_means(model, replay, token_ids) -> list[torch.Tensor]:
         hidden = model.model(
             input_ids=ids,
             inputs_embeds=emb,
-            attention_mask=b["attention_mask"],
-            pixel_values=b["pixel_values"],
-            image_grid_thw=b["image_grid_thw"],
-            mm_token_type_ids=b["mm_token_type_ids"],
+            attention_mask=b.attention_mask,
+            pixel_values=b.pixel_values,
+            image_grid_thw=b.image_grid_thw,
+            mm_token_type_ids=b.mm_token_type_ids,
         ).last_hidden_state
     return [hidden[row, pos - 1].double() for row, pos in enumerate(slots)]
 
@@ -347,7 +345,7 @@ def test_second_update_latent_gradient_matches_a_float64_computation(
     float64 formula, at means recomputed by an independent forward with the pairing written out;
     on update 1 it is 0. The logged per-update metrics match their definitions."""
     from monet_fast.model.tokens import TokenIds
-    from monet_fast.train import vlpo as vlpo_mod
+    from monet_fast.train import vlpo_module as vlpo_mod
     from monet_fast.train.vlpo_metrics import read_update_metrics
 
     sigma = 2.0
@@ -414,6 +412,7 @@ def test_second_update_latent_gradient_matches_a_float64_computation(
     torch.testing.assert_close(got2, want2, rtol=1e-3, atol=1e-3 * float(want2.abs().max()))
 
 
+@pytest.mark.slow  # ~4 s on 2 busy cores: four VLPO runs
 def test_sigma_changes_a_two_update_run_and_not_a_one_update_run(tmp_path, sft_model):
     """The latent term acts from the second update of a rollout batch on: the policy after two
     updates depends on sigma; after one (on-policy, zero latent gradient) it does not. SGD:

@@ -10,6 +10,7 @@ END, EOS inside a block, cut by max_new_tokens, cut right after START)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 import pytest
@@ -202,7 +203,7 @@ def test_replay_equals_a_no_cache_per_step_recompute():
         replay_logp = torch.log_softmax(model.lm_head(res.hidden).float() / T, -1)
         lp = step_logprobs(model, rb, temperature=T)
         oracle = [_oracle(model, processor, r) for r in rollouts]
-    p_len = rb.batch["attention_mask"].sum(1) - torch.tensor(
+    p_len = rb.batch.attention_mask.sum(1) - torch.tensor(
         [r.response_ids.numel() for r in rollouts]
     )
     want_tok, want_mu = [], []
@@ -235,11 +236,13 @@ def test_sft_batch_checks_still_refuse_short_blocks():
     """latent_forward accepts blocks shorter than K only for the monet_vllm layout."""
     model, processor = _tiny()
     rb = build_replay_batch(_rollouts()[:2], processor, K)
-    batch = dict(rb.batch, latent_layout="sft")
+    batch = dataclasses.replace(rb.batch, latent_layout="sft")
     with pytest.raises(ValueError, match="expected latent_size=3"):
         latent_forward(model, batch, latents=rb.latents, return_hidden=True)
     with pytest.raises(ValueError, match="latent_layout must be one of"):
-        latent_forward(model, dict(rb.batch, latent_layout="vllm"), latents=rb.latents)
+        latent_forward(
+            model, dataclasses.replace(rb.batch, latent_layout="vllm"), latents=rb.latents
+        )
 
 
 # ----------------------------------------------------------------------------- VLPO update

@@ -76,7 +76,7 @@ def main() -> int:
             (g1[n] - g0[n]).abs().max().item() / (g0[n].abs().max().item() + 1e-30) for n in g0
         )
         assert loss0 == loss1, (loss0, loss1)
-        tokens = int(batch["attention_mask"].sum())
+        tokens = int(batch.attention_mask.sum())
         print(
             f"| {stage} | {tokens} | {plain:.0f} | {ckpt:.0f} | {plain / ckpt:.1f}x | {diff:.1e} |"
         )

@@ -26,6 +26,7 @@ register("latent-forward", "monet_fast.bench.latent_forward:run")
 register("latent-decode", "monet_fast.bench.latent_decode:run")
 register("train-step", "monet_fast.bench.train_step:run")
 register("ce", "monet_fast.bench.chunked_ce:run")
+register("serve", "monet_fast.bench.serve:run")
 
 
 def run_benchmark(name: str, quick: bool = False, only: str | None = None) -> BenchReport:

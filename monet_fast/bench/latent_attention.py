@@ -218,7 +218,8 @@ def _time_cuda(fn: Callable[[], object], quick: bool) -> float:
 
 def _mask_build_seconds(mr: torch.Tensor, n: int) -> dict[str, float]:
     """One-off mask preprocessing cost per provider (not in the per-call timings)."""
-    from monet_fast.kernels.latent_attention import LatentMaskPlan, block_config, dense_mask
+    from monet_fast.kernels.latent_attention import block_config, dense_mask
+    from monet_fast.kernels.latent_mask_plan import LatentMaskPlan
 
     def timed(f: Callable[[], object]) -> float:
         torch.cuda.synchronize()

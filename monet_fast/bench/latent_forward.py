@@ -15,6 +15,7 @@ import torch
 
 from monet_fast.bench.common import BenchReport, matches, no_match, time_fn
 from monet_fast.data import collate, make_samples
+from monet_fast.model.arch import arch_of
 from monet_fast.model.latent import latent_forward
 from monet_fast.model.latent_reference import reference_latent_forward
 from monet_fast.model.tiny import tiny_model
@@ -49,7 +50,7 @@ def setup_latent_forward(
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, processor = tiny_model(seed=0, **MODEL_SIZES[size])
     model = model.to(device, dtype).train()
-    for p in model.model.visual.parameters():  # frozen in SFT, as in the reference
+    for p in arch_of(model).visual(model).parameters():  # frozen in SFT, as in the reference
         p.requires_grad_(False)
     batch = collate(make_samples(batch_size, seed=1), processor, stage, latent_size=latent_size)
     with torch.no_grad():

@@ -26,6 +26,7 @@ import torch
 
 from monet_fast.bench.common import BenchReport, matches, no_match, time_fn
 from monet_fast.bench.latent_forward import MODEL_SIZES, peak_memory_mib
+from monet_fast.model.arch import arch_of
 
 PROVIDERS = ("monet_fast", "reference")
 LATENT_SIZE = 8
@@ -67,13 +68,13 @@ def setup_case(case: Case, provider: str) -> Callable[[], None]:
     from monet_fast.model.tiny import tiny_model
     from monet_fast.train.config import config_from_dict
     from monet_fast.train.data import ce_weight_of
-    from monet_fast.train.loop import (
-        LatentTrainModule,
-        _quiet_deepspeed,
+    from monet_fast.train.engine_setup import (
         build_deepspeed_config,
         build_optimizer,
         setup_distributed,
     )
+    from monet_fast.train.loop import LatentTrainModule
+    from monet_fast.train.recipe_base import _quiet_deepspeed
 
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
@@ -82,7 +83,7 @@ def setup_case(case: Case, provider: str) -> Callable[[], None]:
     dtype = torch.bfloat16 if bf16 else torch.float32
     model, processor = tiny_model(seed=0, latent_size=LATENT_SIZE, **MODEL_SIZES[case.size])
     model = model.to(dist.device, dtype).train()
-    model.model.visual.requires_grad_(False)  # frozen in SFT, as in the reference
+    arch_of(model).visual(model).requires_grad_(False)  # frozen in SFT, as in the reference
 
     batch = collate(
         make_samples(case.batch_size, seed=1), processor, "stage2", latent_size=LATENT_SIZE

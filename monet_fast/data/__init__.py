@@ -3,6 +3,7 @@ root checks, synthetic task. Data errors are `DataError` (a ValueError) naming f
 
 from monet_fast.data.batching import collate
 from monet_fast.data.images import decode_rgb, open_rgb, pixel_limit, resize_by_token_budget
+from monet_fast.data.latent_batch import LatentBatch
 from monet_fast.data.paths import resolve_image_path
 from monet_fast.data.reader import (
     DataError,
@@ -10,8 +11,6 @@ from monet_fast.data.reader import (
     ReadReport,
     read_monet_sft,
     read_monet_sft_with_report,
-    validate,
-    validate_sample,
 )
 from monet_fast.data.synthetic import (
     SyntheticTaskConfig,
@@ -20,6 +19,7 @@ from monet_fast.data.synthetic import (
     write_synthetic_dataset,
 )
 from monet_fast.data.types import DEFAULT_SYSTEM, SEGMENT_KINDS, Sample, Segment
+from monet_fast.data.validation import validate, validate_sample
 from monet_fast.data.writer import write_monet_sft
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "SEGMENT_KINDS",
     "DataError",
     "DataWarning",
+    "LatentBatch",
     "ReadReport",
     "Sample",
     "Segment",

@@ -6,8 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
+from monet_fast.data.latent_batch import LatentBatch
 from monet_fast.data.types import Sample
 from monet_fast.model import sequence as seq
+from monet_fast.model.arch import get_arch
 from monet_fast.model.tokens import TokenIds
 
 
@@ -24,20 +26,10 @@ def collate(
     *,
     padding_side: str = "right",
     label_observation_tags: bool = False,
-) -> dict:
+) -> LatentBatch:
     """Tokenise `samples` for `stage` and build everything the losses and the latent forward need.
 
-    Returns a dict with:
-      input_ids, attention_mask        [B, L]
-      pixel_values, image_grid_thw     as the Qwen2.5-VL processor gives them (None without images)
-      mm_token_type_ids                [B, L] 0 text / 1 image
-      position_ids                     [3, B, L] mRoPE positions (== get_rope_index)
-      labels                           [B, L] token ids or -100 (the model shifts)
-      observation_mask                 [B, L] bool, labels the observation weight applies to
-      latent_slot_mask                 [B, L] bool, `<abs_vis_token_pad>` latent slots
-      masked_rows                      [B, L, 4] int32 compact stage-2 mask (stage2 only, else None)
-      layouts                          list[SequenceLayout], one per sample
-      stage, latent_size, keys         what was built and for which samples
+    Returns a `LatentBatch` (its docstring lists the fields and shapes).
 
     label_observation_tags: give `<observation>`/`</observation>` CE labels (the reference
     ignores them; see `monet_fast.model.sequence.ignored_label_ids`).
@@ -86,21 +78,21 @@ def collate(
         latent_slot_mask[b, lay.slot_positions] = True
     grid = enc.get("image_grid_thw")
     merge = getattr(processor.image_processor, "merge_size", 2)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "pixel_values": enc.get("pixel_values"),
-        "image_grid_thw": grid,
-        "mm_token_type_ids": enc["mm_token_type_ids"],
-        "position_ids": seq.rope_position_ids(
+    return LatentBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=enc.get("pixel_values"),
+        image_grid_thw=grid,
+        mm_token_type_ids=enc["mm_token_type_ids"],
+        position_ids=get_arch(getattr(processor, "model_type", None)).rope_index(
             input_ids, enc["mm_token_type_ids"], grid, attention_mask, merge
         ),
-        "labels": torch.tensor(labels, dtype=torch.long),
-        "observation_mask": torch.tensor(obs, dtype=torch.bool),
-        "latent_slot_mask": latent_slot_mask,
-        "masked_rows": seq.masked_rows_from_layout(layouts) if stage == "stage2" else None,
-        "layouts": layouts,
-        "stage": stage,
-        "latent_size": latent_size,
-        "keys": [s.key for s in samples],
-    }
+        labels=torch.tensor(labels, dtype=torch.long),
+        observation_mask=torch.tensor(obs, dtype=torch.bool),
+        latent_slot_mask=latent_slot_mask,
+        masked_rows=seq.masked_rows_from_layout(layouts) if stage == "stage2" else None,
+        layouts=layouts,
+        stage=stage,
+        latent_size=latent_size,
+        keys=[s.key for s in samples],
+    )

@@ -49,32 +49,31 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
-from monet_fast.data.errors import DataError, DataWarning, split_source
+from monet_fast.data.boxed import find_last_boxed
+from monet_fast.data.errors import DataError, DataWarning
 from monet_fast.data.images import open_rgb
 from monet_fast.data.paths import resolve_image_path
-from monet_fast.data.types import DEFAULT_SYSTEM, SEGMENT_KINDS, Sample, Segment
+from monet_fast.data.types import DEFAULT_SYSTEM, Sample, Segment
+from monet_fast.data.validation import (
+    N_REASONS_SHOWN,
+    ON_ERROR_MODES,
+    OnError,
+    validate_sample,
+)
 from monet_fast.model.tokens import LATENT_PLACEHOLDER, OBS_END, OBS_START
 
 logger = logging.getLogger(__name__)
 
-OnError = Literal["raise", "skip"]
-ON_ERROR_MODES = ("raise", "skip")
 
 # Removed from user text by the reference, except for the two Zebra-CoT subsets that keep it.
 BOXED_INSTRUCTION = "\nPut your final answer within \\boxed{}."
 KEEP_BOXED_INSTRUCTION_MARKERS = ("Zebra_CoT_visual_search", "Zebra_CoT_count")
-BOXED_OPEN = "\\boxed{"
 
-QUESTION_KINDS = ("image", "text")
-REASONING_KINDS = ("text", "aux_image", "observation", "answer")
 CONTENT_TYPES = ("image", "text")
 # Strings with a meaning in the on-disk text; plain text segments must not contain them.
 RESERVED_STRINGS = (LATENT_PLACEHOLDER, OBS_START, OBS_END)
-
-# How many skip reasons the warning quotes.
-_N_REASONS_SHOWN = 3
 
 
 @dataclass
@@ -196,8 +195,8 @@ def read_monet_sft_with_report(
         samples.append(sample)
     report.n_read = len(samples)
     if report.skipped:
-        shown = "; ".join(f"row {r}: {why}" for r, why in report.skipped[:_N_REASONS_SHOWN])
-        more = "" if report.n_skipped <= _N_REASONS_SHOWN else "; ..."
+        shown = "; ".join(f"row {r}: {why}" for r, why in report.skipped[:N_REASONS_SHOWN])
+        more = "" if report.n_skipped <= N_REASONS_SHOWN else "; ..."
         warnings.warn(
             f"{path}: skipped {report.n_skipped} of {report.n_rows} rows ({shown}{more})",
             DataWarning,
@@ -573,35 +572,6 @@ def _split_observations(text: str) -> list[Segment]:
     return segments
 
 
-def matching_brace(text: str, open_index: int) -> int:
-    """Index of the `}` that closes the `{` at `open_index` (nesting counted), or -1."""
-    depth = 0
-    for i in range(open_index, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-    return -1
-
-
-def find_last_boxed(text: str) -> tuple[int, int, str] | None:
-    """(start, end, content) of the last top-level `\\boxed{...}` in `text`, braces balanced.
-
-    `text[start:end]` is the whole span; None if there is none. Raises DataError if unclosed.
-    """
-    last = None
-    pos = 0
-    while (start := text.find(BOXED_OPEN, pos)) != -1:
-        close = matching_brace(text, start + len(BOXED_OPEN) - 1)
-        if close == -1:
-            raise DataError(f"unclosed {BOXED_OPEN}...}} in {text[start : start + 60]!r}")
-        last = (start, close + 1, text[start + len(BOXED_OPEN) : close])
-        pos = close + 1
-    return last
-
-
 def _extract_answer(reasoning: list[Segment]) -> tuple[list[Segment], str]:
     """Split off the answer segment; returns (segments, Sample.answer)."""
     for idx in range(len(reasoning) - 1, -1, -1):
@@ -633,115 +603,11 @@ def _extract_answer(reasoning: list[Segment]) -> tuple[list[Segment], str]:
     return reasoning, last.text.strip()
 
 
-# --------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------
-
-
-def _where(sample: Sample) -> DataError:
-    """An empty DataError carrying the sample's location, for `.located()`."""
-    file, row = split_source(sample.source)
-    return DataError("", file=file, row=row, sample_id=sample.sample_id)
-
-
-def validate_sample(
-    sample: Sample, *, check_files: bool = True, allow_no_observation: bool = False
-) -> None:
-    """Check a sample's structure; raise `DataError` naming its source (or key) if bad.
-
-    Checks: segment kinds allowed for their turn; an observation only after an auxiliary image;
-    at least one observation (unless allowed); at most one answer segment and a non-empty
-    `Sample.answer`; every image segment has pixels or (with `check_files`) an existing file.
-    """
-    where = _where(sample)
-
-    def fail(reason: str) -> NoReturn:
-        raise DataError(reason).located(where.file, where.row, where.sample_id)
-
-    if not sample.question:
-        fail("the question has no segments")
-    for j, seg in enumerate(sample.question):
-        if seg.kind not in QUESTION_KINDS:
-            fail(
-                f"unknown question segment type {seg.kind!r} at {j} (allowed: {list(QUESTION_KINDS)})"
-            )
-    seen_aux = False
-    n_obs = n_answer = 0
-    for j, seg in enumerate(sample.reasoning):
-        if seg.kind not in REASONING_KINDS:
-            known = seg.kind in SEGMENT_KINDS
-            fail(
-                f"{'misplaced' if known else 'unknown'} reasoning segment type {seg.kind!r} "
-                f"at {j} (allowed: {list(REASONING_KINDS)})"
-            )
-        if seg.kind == "aux_image":
-            seen_aux = True
-        elif seg.kind == "observation":
-            if not seen_aux:
-                fail(f"observation {seg.text[:40]!r} without a preceding auxiliary image")
-            n_obs += 1
-        elif seg.kind == "answer":
-            n_answer += 1
-            if not seg.text.strip():
-                fail("empty answer segment")
-    if n_obs == 0 and not allow_no_observation:
-        fail("no observation in the assistant turn (pass allow_no_observation=True to keep it)")
-    if n_answer > 1:
-        fail(f"{n_answer} answer segments, expected at most one")
-    if not str(sample.answer).strip():
-        fail("empty answer")
-    for seg in [*sample.question, *sample.reasoning]:
-        if seg.kind in ("image", "aux_image"):
-            if seg.image is None and seg.path is None:
-                fail(f"{seg.kind} segment has neither an image nor a path")
-            if seg.image is None and check_files and not os.path.isfile(seg.path):
-                fail(f"missing image file {seg.path!r}")
-
-
-def validate(
-    samples: Sample | Iterable[Sample],
-    *,
-    check_files: bool = True,
-    allow_no_observation: bool = False,
-    on_error: OnError = "raise",
-) -> list[Sample]:
-    """`validate_sample` over samples; returns the valid ones ("skip" warns with the count).
-
-    Use after `read_monet_sft(load_images=False)` to find missing image files up front.
-    """
-    if on_error not in ON_ERROR_MODES:
-        raise ValueError(f"on_error must be one of {ON_ERROR_MODES}, got {on_error!r}")
-    if isinstance(samples, Sample):
-        samples = [samples]
-    good: list[Sample] = []
-    reasons: list[str] = []
-    for sample in samples:
-        try:
-            validate_sample(
-                sample, check_files=check_files, allow_no_observation=allow_no_observation
-            )
-        except DataError as err:
-            if on_error == "raise":
-                raise
-            reasons.append(str(err))
-            continue
-        good.append(sample)
-    if reasons:
-        shown = "; ".join(reasons[:_N_REASONS_SHOWN])
-        warnings.warn(
-            f"skipped {len(reasons)} invalid samples ({shown})", DataWarning, stacklevel=2
-        )
-    return good
-
-
 __all__ = [
     "BOXED_INSTRUCTION",
     "DataError",
     "DataWarning",
     "ReadReport",
-    "find_last_boxed",
     "read_monet_sft",
     "read_monet_sft_with_report",
-    "validate",
-    "validate_sample",
 ]

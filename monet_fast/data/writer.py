@@ -21,8 +21,9 @@ from typing import Any
 
 from monet_fast._io import atomic_write_text, temp_sibling
 from monet_fast.data.errors import DataError
-from monet_fast.data.reader import RESERVED_STRINGS, validate_sample
+from monet_fast.data.reader import RESERVED_STRINGS
 from monet_fast.data.types import Sample, Segment
+from monet_fast.data.validation import validate_sample
 from monet_fast.model.tokens import LATENT_PLACEHOLDER, OBS_END, OBS_START
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")

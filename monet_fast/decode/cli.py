@@ -105,7 +105,8 @@ def prompt_text(processor, images: list[str], prompt: str, start_latent: bool = 
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from monet_fast.decode.engine import decoder_for, resolve_config
+    from monet_fast.decode.config import resolve_config
+    from monet_fast.decode.engine import decoder_for
     from monet_fast.model.loading import load_pretrained
 
     for image in args.image:

@@ -1,4 +1,4 @@
-"""Batched latent-feedback decoding on the stock transformers Qwen2.5-VL: `generate()`.
+"""Batched latent-feedback decoding on the stock transformers Qwen-VL models: `generate()`.
 
 Every sequence of a batch independently alternates between text steps and latent steps. A text
 step samples a token from the LM head; a latent step feeds the final post-RMSNorm hidden state of
@@ -40,6 +40,12 @@ import torch
 
 from monet_fast import _ops
 from monet_fast._compat import cache_kwarg
+from monet_fast.decode.config import (
+    DEFAULT_CHECK_EVERY,
+    NO_BLOCK_CAP,
+    DecodeConfig,
+    resolve_config,
+)
 from monet_fast.decode.graph_safety import (
     GraphUnsafeProcessorWarning,
     LogitsProcessor,
@@ -48,9 +54,8 @@ from monet_fast.decode.graph_safety import (
 from monet_fast.decode.host import GenerateOutput, HostView, Streamer
 from monet_fast.decode.inputs import PreparedBatch, prepare_batch
 from monet_fast.decode.state import DecodeBuffers
-from monet_fast.model.config import LATENT_LAYOUTS, LatentConfig, get_latent_config
-from monet_fast.model.latent import embed_inputs
-from monet_fast.model.sequence import rope_position_ids
+from monet_fast.model.arch import DeepstackFeatures, arch_of
+from monet_fast.model.feedback import FeedbackNorm
 
 # (vectors [B, H] about to be fed back, per-row index of the latent in the row's trace [B] int64)
 # -> the vectors to feed instead (latent interventions; eager decoding only).
@@ -71,136 +76,7 @@ class _Intervention:
     latent_cols: torch.Tensor | None = None
 
 
-NO_BLOCK_CAP = 2**31 - 1
-DEFAULT_CHECK_EVERY = 8
 _GRAPH_LEN_MULTIPLE = 256
-
-
-@dataclass(frozen=True)
-class DecodeConfig:
-    """The resolved, validated settings of one generate() call."""
-
-    max_new_tokens: int
-    latent_size: int
-    layout: str
-    start_id: int
-    end_id: int
-    slot_id: int
-    fill_id: int
-    eos_ids: tuple[int, ...]
-    max_blocks: int
-    do_sample: bool
-    temperature: float
-    top_p: float
-    seed: int | None
-    return_latents: bool
-    stop_strings: tuple[str, ...]
-    check_every: int
-    use_cuda_graphs: bool
-
-
-def _as_id_list(value) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
-
-
-def resolve_config(
-    model,
-    processor,
-    *,
-    max_new_tokens: int,
-    latent_size: int | None = None,
-    latent_layout: str | None = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    return_latents: bool = False,
-    max_latent_blocks: int | None = None,
-    stop_strings: Sequence[str] | str | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
-    check_every: int = DEFAULT_CHECK_EVERY,
-    use_cuda_graphs: bool = True,
-) -> DecodeConfig:
-    """Validate the generate() arguments up front and fill defaults from the model config."""
-    if (
-        not isinstance(max_new_tokens, int)
-        or isinstance(max_new_tokens, bool)
-        or max_new_tokens < 1
-    ):
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    saved = get_latent_config(model)
-    if (
-        saved.latent_start_id is None
-        or saved.latent_end_id is None
-        or saved.latent_token_id is None
-    ):
-        saved = LatentConfig.from_tokenizer(
-            processor.tokenizer, latent_size=saved.latent_size, latent_layout=saved.latent_layout
-        )
-    k = saved.latent_size if latent_size is None else latent_size
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"latent_size must be an int >= 1, got {latent_size!r}")
-    layout = saved.latent_layout if latent_layout is None else latent_layout
-    if layout not in LATENT_LAYOUTS:
-        raise ValueError(f"latent_layout must be one of {list(LATENT_LAYOUTS)}, got {layout!r}")
-    if max_latent_blocks is None:
-        max_blocks = NO_BLOCK_CAP
-    elif isinstance(max_latent_blocks, int) and max_latent_blocks >= 0:
-        max_blocks = max_latent_blocks
-    else:
-        raise ValueError(
-            f"max_latent_blocks must be None or an int >= 0, got {max_latent_blocks!r}"
-        )
-    if do_sample:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not isinstance(check_every, int) or check_every < 1:
-        raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
-    if isinstance(stop_strings, str):
-        stop_strings = [stop_strings]
-    stops = tuple(stop_strings or ())
-    if any(not isinstance(s, str) or not s for s in stops):
-        raise ValueError(f"stop_strings must be non-empty strings, got {stops!r}")
-
-    tokenizer = processor.tokenizer
-    gen_cfg = getattr(model, "generation_config", None)
-    eos = _as_id_list(eos_token_id)
-    if not eos:
-        eos = _as_id_list(getattr(gen_cfg, "eos_token_id", None)) or _as_id_list(
-            tokenizer.eos_token_id
-        )
-    if not eos:
-        raise ValueError(
-            "no EOS token id: pass eos_token_id= or set generation_config.eos_token_id"
-        )
-    pad = getattr(gen_cfg, "pad_token_id", None)
-    if pad is None:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    return DecodeConfig(
-        max_new_tokens=max_new_tokens,
-        latent_size=k,
-        layout=layout,
-        start_id=saved.latent_start_id,
-        end_id=saved.latent_end_id,
-        slot_id=saved.latent_token_id,
-        fill_id=int(pad),
-        eos_ids=tuple(eos),
-        max_blocks=max_blocks,
-        do_sample=bool(do_sample),
-        temperature=float(temperature),
-        top_p=float(top_p),
-        seed=seed,
-        return_latents=bool(return_latents),
-        stop_strings=stops,
-        check_every=check_every,
-        use_cuda_graphs=bool(use_cuda_graphs),
-    )
 
 
 def sample_tokens(
@@ -270,7 +146,8 @@ class LatentDecoder:
         self.model = model
         self.emulate_graphs = emulate_graphs
         self.processor = processor
-        self.lm = model.model.language_model
+        self.arch = arch_of(model)  # base-model specifics (monet_fast.model.arch)
+        self.lm = self.arch.language_model(model)
         self.lm_head = model.lm_head
         self._cache_kw = cache_kwarg(self.lm.layers[0])
         layer_types = set(getattr(self.lm.config, "layer_types", None) or ["full_attention"])
@@ -285,7 +162,7 @@ class LatentDecoder:
     @property
     def embed_weight(self) -> torch.Tensor:
         # Looked up each time: the embedding module may be replaced (resize, reload).
-        return self.model.get_input_embeddings().weight
+        return self.arch.input_embeddings(self.model).weight
 
     # ------------------------------------------------------------------ public
 
@@ -314,6 +191,8 @@ class LatentDecoder:
         if latent_transform is not None or hide_latents:
             intervention = _Intervention(transform=latent_transform, hide=hide_latents)
         with torch.inference_mode():
+            # latent.feedback_norm: target norm read once per call, into one persistent tensor.
+            self._feedback = FeedbackNorm.refreshed(getattr(self, "_feedback", None), self.model)
             return self._generate(batch, cfg, logits_processor, streamer, intervention)
 
     # --------------------------------------------------------------- internals
@@ -464,20 +343,14 @@ class LatentDecoder:
         n_rows, prompt_len = batch.input_ids.shape
         dtype = bufs.mask.dtype
         min_value = torch.finfo(dtype).min
-        embeds = embed_inputs(
-            model,
-            {
-                "input_ids": batch.input_ids,
-                "pixel_values": batch.pixel_values,
-                "image_grid_thw": batch.image_grid_thw,
-            },
-        )
-        positions = rope_position_ids(
+        visual = self.arch.embed(model, batch.input_ids, batch.pixel_values, batch.image_grid_thw)
+        embeds = visual.embeds
+        positions = self.arch.rope_index(
             batch.input_ids,
             batch.mm_token_type_ids,
             batch.image_grid_thw,
             batch.attention_mask,
-            spatial_merge_size=model.config.vision_config.spatial_merge_size,
+            spatial_merge_size=self.arch.spatial_merge_size(model),
         ).to(device)
         valid = batch.attention_mask.to(device).bool()  # [B, P]
         causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).tril()
@@ -487,7 +360,7 @@ class LatentDecoder:
 
         bufs.cache.prefill = True
         try:
-            states = self.text_forward(embeds, positions, mask, bufs.cache)
+            states = self.text_forward(embeds, positions, mask, bufs.cache, visual.deepstack)
         finally:
             bufs.cache.prefill = False
         hidden = torch.zeros(bufs.batch, embeds.shape[-1], dtype=dtype, device=device)
@@ -524,6 +397,7 @@ class LatentDecoder:
         positions: torch.Tensor,
         mask: torch.Tensor,
         cache,
+        deepstack: DeepstackFeatures | None = None,
     ) -> torch.Tensor:
         """The text model's forward, layer by layer: [B, L, H] -> final post-norm states.
 
@@ -531,11 +405,12 @@ class LatentDecoder:
         attention_mask=mask, cache=...)` (rotary embedding -> decoder layers -> final RMSNorm,
         tested equal), but calling the layers directly skips the model-level wrappers (config
         merging, output capturing, mask construction): a third of a small model's CPU step.
-        positions: [3, B, L] mRoPE ids; mask: [B, 1, L, S] additive float.
+        positions: [3, B, L] mRoPE ids; mask: [B, 1, L, S] additive float. deepstack: per-layer
+        visual features of the prompt (Qwen3-VL), added after the layers as the stock model does.
         """
         position_embeddings = self.lm.rotary_emb(embeds, positions)
         states = embeds
-        for layer in self.lm.layers:
+        for i, layer in enumerate(self.lm.layers):
             states = layer(
                 states,
                 attention_mask=mask,
@@ -543,6 +418,8 @@ class LatentDecoder:
                 use_cache=True,
                 **{self._cache_kw: cache},
             )
+            if deepstack is not None:
+                states = self.arch.after_layer(i, states, deepstack)
         return self.lm.norm(states)
 
     def _decode_step(
@@ -595,6 +472,7 @@ class LatentDecoder:
         hidden: [B, H] final post-norm hidden states of the positions just run.
         """
         logits = self.lm_head(hidden).float()  # [B, V]
+        hidden = self._feedback(hidden)  # what a latent step feeds back (identity for "none")
         if cfg.max_blocks != NO_BLOCK_CAP:
             # A row at its block cap cannot open another block: START is masked out of its text
             # steps (inside a monet_vllm block START is only a placeholder, left untouched).
@@ -645,7 +523,7 @@ _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def decoder_for(model, processor) -> LatentDecoder:
     """The cached LatentDecoder of `model` (graphs survive across generate() calls); a peft
     wrapper decodes through its base model, which runs with the adapters."""
-    from monet_fast.model.lora import unwrap
+    from monet_fast.model.unwrap import unwrap
 
     model = unwrap(model)
     decoder = _DECODERS.get(model)
@@ -681,7 +559,7 @@ def generate(
     """Decode a batch with latent feedback.
 
     Args:
-        model: a `Qwen2_5_VLForConditionalGeneration` (e.g. from `monet_fast.model.loading`).
+        model: a Qwen2.5-VL or Qwen3-VL model (e.g. from `monet_fast.model.loading`).
         processor: its processor (MonetProcessor or an HF Qwen2.5-VL processor).
         inputs: a list of chat conversations (HF messages, images as PIL images or paths) or of
             templated prompts `{"text": str, "images": [...]}`; a prompt ending with

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from monet_fast import _ops
+from monet_fast.decode.config import DecodeConfig
 from monet_fast.decode.state import DecodeBuffers
-
-if TYPE_CHECKING:
-    from monet_fast.decode.engine import DecodeConfig
 
 # (row, new token ids) called at every host check with the tokens produced since the last one.
 Streamer = Callable[[int, list[int]], None]

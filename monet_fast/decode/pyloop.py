@@ -15,16 +15,11 @@ import torch
 from transformers import DynamicCache
 
 from monet_fast._compat import cache_kwarg
-from monet_fast.decode.engine import (
-    NO_BLOCK_CAP,
-    GenerateOutput,
-    LogitsProcessor,
-    resolve_config,
-    sample_tokens,
-)
+from monet_fast.decode.config import NO_BLOCK_CAP, resolve_config
+from monet_fast.decode.engine import GenerateOutput, LogitsProcessor, sample_tokens
 from monet_fast.decode.inputs import prepare_batch
-from monet_fast.model.latent import embed_inputs
-from monet_fast.model.sequence import rope_position_ids
+from monet_fast.model.arch import arch_of
+from monet_fast.model.feedback import FeedbackNorm
 
 
 class _Request:
@@ -55,7 +50,8 @@ def generate_python_loop(
     cfg = resolve_config(model, processor, max_new_tokens=max_new_tokens, **options)
     batch = prepare_batch(processor, inputs)
     device = model.device
-    lm, embed = model.model.language_model, model.get_input_embeddings()
+    arch = arch_of(model)  # base-model specifics (monet_fast.model.arch)
+    lm, embed = arch.language_model(model), arch.input_embeddings(model)
     n_rows = batch.batch_size
     offsets = [1 if f else 0 for f in batch.forced_start]
     reqs = [_Request(cfg.max_new_tokens + off) for off in offsets]
@@ -69,28 +65,23 @@ def generate_python_loop(
 
     with torch.no_grad():
         cache = DynamicCache(config=model.config.get_text_config())
-        positions = rope_position_ids(
+        feedback = FeedbackNorm.for_model(model)
+        positions = arch.rope_index(
             batch.input_ids,
             batch.mm_token_type_ids,
             batch.image_grid_thw,
             batch.attention_mask,
-            spatial_merge_size=model.config.vision_config.spatial_merge_size,
+            spatial_merge_size=arch.spatial_merge_size(model),
         ).to(device)
         mask = batch.attention_mask.to(device)
-        embeds = embed_inputs(
-            model,
-            {
-                "input_ids": batch.input_ids,
-                "pixel_values": batch.pixel_values,
-                "image_grid_thw": batch.image_grid_thw,
-            },
-        )
+        visual = arch.embed(model, batch.input_ids, batch.pixel_values, batch.image_grid_thw)
         out = lm(
-            inputs_embeds=embeds,
+            inputs_embeds=visual.embeds,
             position_ids=positions,
             attention_mask=mask,
             use_cache=True,
             **{cache_kw: cache},
+            **arch.lm_kwargs(visual.deepstack),
         )
         hidden = out.last_hidden_state[:, -1]
         next_pos = positions.amax(dim=(0, 2)) + 1  # [B]
@@ -107,9 +98,10 @@ def generate_python_loop(
             sampled = sample_tokens(logits, cfg.do_sample, temperature, top_p, generator)
             tokens = sampled.tolist()  # host sync every step
             next_ids = []
+            fed = feedback(hidden)  # latent.feedback_norm (identity for "none")
             for b, r in enumerate(reqs):
                 tok = cfg.start_id if (step == 0 and offsets[b]) else tokens[b]
-                next_ids.append(_advance(r, tok, hidden[b], step, cfg, eos))
+                next_ids.append(_advance(r, tok, fed[b], step, cfg, eos))
             step += 1
             if all(r.done for r in reqs):
                 break

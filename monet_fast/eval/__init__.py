@@ -19,30 +19,29 @@ from monet_fast.eval.interventions import (
     apply_to_traces,
     parse_interventions,
 )
-from monet_fast.eval.readers import (
-    BENCHMARKS,
-    MONET_EVAL_SYSTEM,
-    EncodedImageSegment,
-    format_mc_question,
-    read_benchmark,
-)
+from monet_fast.eval.readers import BENCHMARKS, EncodedImageSegment, read_benchmark
 from monet_fast.eval.report import build_report, render_markdown, write_report
-from monet_fast.eval.scoring import (
+from monet_fast.eval.scoring import accuracy_by_category
+from monet_fast.eval.stats import bootstrap_ci, paired_bootstrap_delta
+
+# Answer parsing, scoring, prompts and the judge live in monet_fast.tasks (below train/ and eval/);
+# re-exported here because they are part of what evaluation offers.
+from monet_fast.tasks import (
+    MONET_EVAL_SYSTEM,
     JudgeError,
     OpenAIJudge,
     ScoredItem,
-    accuracy_by_category,
     answers_match,
     clean_prediction,
     extract_answer_text,
     extract_boxed,
     extract_choice,
+    format_mc_question,
     normalize_answer,
     score,
     score_item,
     score_predictions,
 )
-from monet_fast.eval.stats import bootstrap_ci, paired_bootstrap_delta
 
 __all__ = [
     "BENCHMARKS",

@@ -9,8 +9,8 @@ from pathlib import Path
 def _cmd_eval(args: argparse.Namespace) -> int:
     from monet_fast.eval.readers import read_benchmark
     from monet_fast.eval.runner import EvalConfig, evaluate
-    from monet_fast.eval.scoring import OpenAIJudge
     from monet_fast.model.loading import load_pretrained
+    from monet_fast.tasks.judge import OpenAIJudge
 
     judge = None
     if args.judge_url:
@@ -24,6 +24,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         latent_size=args.latent_size,
         seed=args.seed,
         judge=judge,
+        latent_mode=args.latent_mode,
     )
     samples = read_benchmark(
         args.bench,
@@ -40,6 +41,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for name, run in report["interventions"].items():
         delta = run.get("delta_vs_baseline")
         extra = "" if name == report["baseline"] or delta is None else f"  Δ {100 * delta:+.1f} pp"
+        trig = run.get("trigger") or {}
+        if trig:
+            extra += f"  fired {100 * trig['rate']:.1f}%"
         print(f"{name:10s} accuracy {100 * run['accuracy']:.1f}% (n={run['n']}){extra}")
     print(f"report: {out / 'report.md'}")
     return 0
@@ -67,6 +71,13 @@ def register(subparsers) -> None:
         "--intervention",
         default="none",
         help="comma-separated: none,zero,constant,noise,shuffle,mask,no-latent",
+    )
+    p.add_argument(
+        "--latent-mode",
+        choices=("auto", "off", "force"),
+        default="auto",
+        help="auto: the model decides when to open a latent block (trigger rate measured); "
+        "off: never; force: every answer starts with one",
     )
     p.add_argument("--out", default="runs/eval", help="output directory for the report")
     p.add_argument("--batch-size", type=int, default=8)

@@ -70,43 +70,40 @@ are checked like training images (`monet_fast.data.images`: empty, corrupt, pixe
 from __future__ import annotations
 
 import ast
-import base64
-import binascii
-import csv
 import hashlib
 import os
 import random
-import re
-import string
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from monet_fast.data.errors import DataError
-from monet_fast.data.images import decode_rgb, open_rgb, probe_image
-from monet_fast.data.paths import check_inside_root, resolve_image_path
+from monet_fast.data.paths import check_inside_root
 from monet_fast.data.reader import parse_json, read_monet_sft
 from monet_fast.data.types import Sample, Segment
+from monet_fast.eval.row_sources import (
+    cell,
+    iter_jsonl,
+    load_json_list,
+    read_text,
+)
+from monet_fast.eval.sample_rows import (
+    PAREN_OPTION,
+    EncodedImageSegment,
+    ReadOptions,
+    file_image,
+    mc_sample,
+    parse_paren_options,
+    read_table_benchmark,
+    row_image_path,
+    rows_to_samples,
+)
+from monet_fast.tasks.prompts import LETTERS, MONET_EVAL_SYSTEM, format_mc_question
 
 BENCHMARKS: tuple[str, ...] = ("vstar", "hrbench4k", "hrbench8k", "mme-realworld-lite", "synthetic")
 
-# The system prompt of the Monet authors' VLMEvalKit runs (README of NOVAglow646/Monet).
-MONET_EVAL_SYSTEM = (
-    "You are a helpful multimodal assistant. You are required to answer the question based on "
-    "the image provided. Put your final answer in \\boxed{}."
-)
-
-LETTERS = string.ascii_uppercase
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
-# "(A) rubber" -- the option lines of V* text and MME-RealWorld "Answer choices".
-_PAREN_OPTION = re.compile(r"^\s*\(([A-Z])\)\s*(.*?)\s*$", re.DOTALL)
-# VLMEvalKit: an image field this short is the index of another row that holds the image.
-_IMAGE_REF_MAX_CHARS = 64
 
 _VSTAR_FILE = "test_questions.jsonl"
 _VSTAR_CATEGORIES = ("direct_attributes", "relative_position")
@@ -133,30 +130,6 @@ _LAYOUT_HINTS = {
     ),
     "synthetic": "a directory written by monet_fast.data.write_synthetic_dataset (train.json)",
 }
-
-
-@dataclass
-class EncodedImageSegment(Segment):
-    """An image segment holding the encoded file bytes (JPEG/PNG), decoded on access.
-
-    Used for base64 image columns: the encoded form is ~10x smaller than the pixels, so a whole
-    HR-Bench file fits in memory while only the batch being decoded is expanded. `path` names
-    where the bytes came from ("file.tsv:row 3"), for messages only.
-    """
-
-    data: bytes = field(default=b"", repr=False)
-
-    def load_image(self) -> Image.Image:
-        if self.image is not None:
-            return self.image
-        return decode_rgb(self.data, self.path or "embedded image")
-
-
-def format_mc_question(question: str, choices: Sequence[str]) -> str:
-    """The question followed by one "A. option" line per choice (our synthetic task's format)."""
-    lines = [question.strip()]
-    lines += [f"{LETTERS[k]}. {choice}" for k, choice in enumerate(choices)]
-    return "\n".join(lines)
 
 
 def read_benchmark(
@@ -194,7 +167,7 @@ def read_benchmark(
     root = Path(data_dir)
     if not root.exists():
         raise DataError(f"data path does not exist; expected {_LAYOUT_HINTS[name]}", file=root)
-    opts = _Options(
+    opts = ReadOptions(
         limit=limit,
         load_images=load_images,
         system=system or MONET_EVAL_SYSTEM,
@@ -210,14 +183,6 @@ def read_benchmark(
         samples = _read_synthetic(root, opts, system)
     _check_unique_ids(samples)
     return samples
-
-
-@dataclass(frozen=True)
-class _Options:
-    limit: int | None
-    load_images: bool
-    system: str
-    allow_outside_root: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,312 +218,6 @@ def _check_unique_ids(samples: list[Sample]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Shared row helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _file_image(path: Path, load: bool) -> Segment:
-    """An image segment for a file (path already root-checked); DataError if missing/unreadable."""
-    if not os.path.isfile(path):  # False (not OSError) for a name too long
-        raise DataError(f"image file not found: {path}")
-    if not load:
-        return Segment("image", path=str(path))
-    return Segment("image", image=open_rgb(path), path=str(path))
-
-
-def _row_image_path(base: Path, value: Any, field: str, opts: _Options) -> Path:
-    """`base / value` for an image path read from a row, root-checked; errors name `field`."""
-    try:
-        return resolve_image_path(base, value, allow_outside_root=opts.allow_outside_root)
-    except DataError as err:
-        raise err.located(None, None, None, field) from None
-
-
-def _encoded_image(value: Any, where: str, load: bool) -> Segment:
-    """An image segment from a base64 string (or raw bytes / {"bytes": ...} from parquet)."""
-    if isinstance(value, dict) and "bytes" in value:
-        value = value["bytes"]
-    if isinstance(value, str):
-        try:
-            data = base64.b64decode("".join(value.split()), validate=True)
-        except (binascii.Error, ValueError) as err:
-            raise DataError(f"image column is not valid base64 ({err})") from None
-    elif isinstance(value, (bytes, bytearray)):
-        data = bytes(value)
-    else:
-        raise DataError(f"image column must be base64 text or bytes, got {type(value).__name__}")
-    if not data:
-        raise DataError("image column is empty")
-    if load:
-        return Segment("image", image=decode_rgb(data, where), path=where)
-    probe_image(data, where)  # the header only: format, pixel limit and mode, no decoding
-    return EncodedImageSegment("image", path=where, data=data)
-
-
-def _parse_paren_options(items: Sequence[Any], what: str) -> list[str]:
-    """Option texts from ["(A) x", "(B) y", ...]; letters must run A, B, C... in order."""
-    if not isinstance(items, (list, tuple)) or not items:
-        raise DataError(f"{what} must be a non-empty list of '(A) ...' strings, got {items!r}")
-    choices = []
-    for k, item in enumerate(items):
-        match = _PAREN_OPTION.match(item) if isinstance(item, str) else None
-        if match is None or match.group(1) != LETTERS[k]:
-            raise DataError(
-                f"{what}[{k}] must look like '({LETTERS[k]}) text', got {str(item)[:80]!r}"
-            )
-        choices.append(match.group(2))
-    return choices
-
-
-def _gold_letter(answer: Any, choices: Sequence[str]) -> str:
-    letter = str(answer).strip().strip("()").strip()
-    allowed = LETTERS[: len(choices)]
-    if len(letter) != 1 or letter not in allowed:
-        raise DataError(f"answer must be one of the option letters {list(allowed)}, got {answer!r}")
-    return letter
-
-
-def _mc_sample(
-    *,
-    image: Segment,
-    question: str,
-    choices: list[str],
-    answer: str,
-    sample_id: str,
-    category: str | None,
-    dataset_name: str,
-    source: str,
-    system: str,
-    meta: dict,
-) -> Sample:
-    if not question.strip():
-        raise DataError("empty question text")
-    if len(choices) < 2 or any(not c.strip() for c in choices):
-        raise DataError(f"need >= 2 non-empty options, got {choices!r}")
-    return Sample(
-        question=[image, Segment("text", format_mc_question(question, choices))],
-        reasoning=[],
-        answer=_gold_letter(answer, choices),
-        sample_id=sample_id,
-        dataset_name=dataset_name,
-        system=system,
-        choices=list(choices),
-        category=category,
-        source=source,
-        meta=meta,
-    )
-
-
-def _rows_to_samples(
-    rows: Iterator[tuple[int, Any]],
-    path: Path,
-    limit: int | None,
-    convert: Callable[[int, Any], Sample],
-) -> list[Sample]:
-    """Apply `convert` to rows, adding file/row to every DataError (and to unexpected shapes)."""
-    samples: list[Sample] = []
-    if limit == 0:
-        return samples
-    for row_index, row in rows:
-        try:
-            try:
-                samples.append(convert(row_index, row))
-            except DataError:
-                raise
-            except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as err:
-                raise DataError(f"malformed row ({type(err).__name__}: {err})") from err
-        except DataError as err:
-            raise err.located(path, row_index, _peek_id(row)) from None
-        if limit is not None and len(samples) >= limit:
-            break
-    return samples
-
-
-def _peek_id(row: Any) -> str | None:
-    if isinstance(row, dict):
-        for key in ("question_id", "index", "Question_id"):
-            if row.get(key) not in (None, ""):
-                return str(row[key])
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# JSON / JSONL / TSV / parquet row sources
-# --------------------------------------------------------------------------------------------
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"not UTF-8 text ({err})", file=path) from None
-    except OSError as err:
-        raise DataError(f"cannot read the file ({err})", file=path) from None
-
-
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    for row_index, line in enumerate(_read_text(path).splitlines()):
-        if not line.strip():
-            continue
-        try:
-            yield row_index, parse_json(line, line_offset=row_index)
-        except DataError as err:
-            raise err.located(path, row_index, None) from None
-
-
-def _load_json_list(path: Path) -> list:
-    try:
-        rows = parse_json(_read_text(path))
-    except DataError as err:
-        raise err.located(path, None, None) from None
-    if not isinstance(rows, list):
-        raise DataError(f"expected a JSON list of questions, got {type(rows).__name__}", file=path)
-    return rows
-
-
-@contextmanager
-def _large_csv_fields() -> Iterator[None]:
-    # Base64 images are megabytes per field; csv's default limit is 128 KiB. The limit is
-    # process-global, so it is restored afterwards. 2**31-1 fits a C long everywhere.
-    old = csv.field_size_limit()
-    csv.field_size_limit(2**31 - 1)
-    try:
-        yield
-    finally:
-        csv.field_size_limit(old)
-
-
-def _iter_tsv(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
-    """(data row index, {column: value}) of a pandas-written TSV, streamed row by row."""
-    with _large_csv_fields(), open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle, delimiter="\t")
-        try:
-            header = next(reader, None)
-            if header is None:
-                raise DataError("empty file; expected a header row", file=path)
-            missing = [c for c in required if c not in header]
-            if missing:
-                raise DataError(
-                    f"missing column(s) {missing}; header has {header[:12]}", file=path, row=None
-                )
-            for row_index, values in enumerate(reader):
-                if not values:
-                    continue
-                if len(values) != len(header):
-                    raise DataError(
-                        f"{len(values)} fields but the header has {len(header)} "
-                        f"(line {reader.line_num})",
-                        file=path,
-                        row=row_index,
-                    )
-                yield row_index, dict(zip(header, values))
-        except csv.Error as err:
-            raise DataError(f"malformed TSV at line {reader.line_num}: {err}", file=path) from None
-        except UnicodeDecodeError as err:
-            raise DataError(f"not UTF-8 text ({err})", file=path) from None
-
-
-def _iter_parquet(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    try:
-        import pyarrow.parquet as pq  # optional: only the parquet copies need it
-    except ImportError:
-        raise DataError(
-            "reading .parquet needs pyarrow (pip install pyarrow); or put the .tsv file of "
-            "the same benchmark next to it",
-            file=path,
-        ) from None
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as err:  # pyarrow raises its own ArrowInvalid/OSError family
-        raise DataError(f"cannot open parquet ({type(err).__name__}: {err})", file=path) from None
-    names = parquet.schema_arrow.names
-    missing = [c for c in required if c not in names]
-    if missing:
-        raise DataError(f"missing column(s) {missing}; columns are {names[:12]}", file=path)
-    row_index = 0
-    # Small batches: each row carries a multi-MB image.
-    for batch in parquet.iter_batches(batch_size=8):
-        for record in batch.to_pylist():
-            yield row_index, record
-            row_index += 1
-
-
-def _cell(row: dict[str, Any], column: str) -> str:
-    """A cell as stripped text; missing, None and NaN (pandas' empty cell) give ""."""
-    value = row.get(column)
-    if value is None or (isinstance(value, float) and value != value):
-        return ""
-    return str(value).strip()
-
-
-def _table_rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    if path.suffix == ".parquet":
-        return _iter_parquet(path, required)
-    return _iter_tsv(path, required)
-
-
-def _resolve_image_refs(
-    path: Path, samples_rows: list[tuple[int, dict[str, Any]]], required: Sequence[str]
-) -> dict[str, Any]:
-    """index -> image value for every VLMEvalKit image reference among the selected rows."""
-    wanted = {
-        _cell(row, "image")
-        for _, row in samples_rows
-        if isinstance(row.get("image"), str) and len(row["image"].strip()) <= _IMAGE_REF_MAX_CHARS
-    }
-    if not wanted:
-        return {}
-    found: dict[str, Any] = {}
-    for _, row in samples_rows:
-        if _cell(row, "index") in wanted and not _is_ref(row.get("image")):
-            found[_cell(row, "index")] = row["image"]
-    if wanted - found.keys():
-        # A reference to a row past `limit`: scan the rest of the file for just those images.
-        for _, row in _table_rows(path, required):
-            key = _cell(row, "index")
-            if key in wanted and key not in found and not _is_ref(row.get("image")):
-                found[key] = row["image"]
-                if not wanted - found.keys():
-                    break
-    return found
-
-
-def _is_ref(value: Any) -> bool:
-    return isinstance(value, str) and len(value.strip()) <= _IMAGE_REF_MAX_CHARS
-
-
-def _read_table_benchmark(
-    path: Path,
-    opts: _Options,
-    required: Sequence[str],
-    convert: Callable[[int, dict[str, Any], Segment], Sample],
-) -> list[Sample]:
-    """Read a VLMEvalKit-style MCQ table (TSV/parquet) with embedded base64 images."""
-    # Pass 1 collects the raw rows (no decoding), so image references can be resolved first.
-    rows: list[tuple[int, dict[str, Any]]] = []
-    if opts.limit != 0:
-        for row_index, row in _table_rows(path, required):
-            rows.append((row_index, row))
-            if opts.limit is not None and len(rows) >= opts.limit:
-                break
-    refs = _resolve_image_refs(path, rows, required)
-
-    def convert_row(row_index: int, row: dict[str, Any]) -> Sample:
-        value = row.get("image")
-        if _is_ref(value):
-            key = value.strip()
-            if key not in refs:
-                raise DataError(
-                    f"image field {key!r} is neither base64 nor the index of a row with an image"
-                )
-            value = refs[key]
-        image = _encoded_image(value, f"{path}:row {row_index}", opts.load_images)
-        return convert(row_index, row, image)
-
-    return _rows_to_samples(iter(rows), path, None, convert_row)
-
-
-# --------------------------------------------------------------------------------------------
 # V* Bench
 # --------------------------------------------------------------------------------------------
 
@@ -566,17 +225,17 @@ def _read_table_benchmark(
 def _split_vstar_text(text: str) -> tuple[str, list[str], str]:
     """(question, option texts, trailing instruction) of a test_questions.jsonl "text"."""
     lines = text.split("\n")
-    first = next((i for i, line in enumerate(lines) if _PAREN_OPTION.match(line)), None)
+    first = next((i for i, line in enumerate(lines) if PAREN_OPTION.match(line)), None)
     if first is None:
         raise DataError(f"no '(A) ...' option lines in text {text[:80]!r}")
     end = first
-    while end < len(lines) and _PAREN_OPTION.match(lines[end]):
+    while end < len(lines) and PAREN_OPTION.match(lines[end]):
         end += 1
-    choices = _parse_paren_options(lines[first:end], "option lines")
+    choices = parse_paren_options(lines[first:end], "option lines")
     return "\n".join(lines[:first]).strip(), choices, "\n".join(lines[end:]).strip()
 
 
-def _read_vstar(root: Path, opts: _Options) -> list[Sample]:
+def _read_vstar(root: Path, opts: ReadOptions) -> list[Sample]:
     path = _locate(root, (_VSTAR_FILE,))
     if path is not None:
         return _read_vstar_jsonl(path, opts)
@@ -589,7 +248,7 @@ def _read_vstar(root: Path, opts: _Options) -> list[Sample]:
     )
 
 
-def _read_vstar_jsonl(path: Path, opts: _Options) -> list[Sample]:
+def _read_vstar_jsonl(path: Path, opts: ReadOptions) -> list[Sample]:
     base = path.parent
 
     def convert(row_index: int, row: Any) -> Sample:
@@ -602,8 +261,8 @@ def _read_vstar_jsonl(path: Path, opts: _Options) -> list[Sample]:
             raise DataError('"text" and "image" must be strings')
         question, choices, instruction = _split_vstar_text(row["text"])
         category = row.get("category")
-        return _mc_sample(
-            image=_file_image(_row_image_path(base, row["image"], "image", opts), opts.load_images),
+        return mc_sample(
+            image=file_image(row_image_path(base, row["image"], "image", opts), opts.load_images),
             question=question,
             choices=choices,
             answer=row["label"],
@@ -615,10 +274,10 @@ def _read_vstar_jsonl(path: Path, opts: _Options) -> list[Sample]:
             meta={"image": row["image"], "instruction": instruction},
         )
 
-    return _rows_to_samples(_iter_jsonl(path), path, opts.limit, convert)
+    return rows_to_samples(iter_jsonl(path), path, opts.limit, convert)
 
 
-def _read_vstar_folders(root: Path, opts: _Options) -> list[Sample]:
+def _read_vstar_folders(root: Path, opts: ReadOptions) -> list[Sample]:
     files = [
         (category, json_path)
         for category in _VSTAR_CATEGORIES
@@ -633,7 +292,7 @@ def _read_vstar_folders(root: Path, opts: _Options) -> list[Sample]:
 
     def convert(row_index: int, item: tuple[str, Path]) -> Sample:
         category, json_path = item
-        ann = parse_json(_read_text(json_path))
+        ann = parse_json(read_text(json_path))
         if not isinstance(ann, dict) or "question" not in ann or "options" not in ann:
             raise DataError('expected an object with "question" and "options"', file=json_path)
         options = ann["options"]
@@ -661,8 +320,8 @@ def _read_vstar_folders(root: Path, opts: _Options) -> list[Sample]:
         choices = [options[i] for i in order]
         meta = {k: ann[k] for k in ("target_object", "bbox") if k in ann}
         meta["annotation"] = rel
-        return _mc_sample(
-            image=_file_image(image_path, opts.load_images),
+        return mc_sample(
+            image=file_image(image_path, opts.load_images),
             question=str(ann["question"]),
             choices=choices,
             answer=LETTERS[order.index(0)] if options else "",
@@ -696,11 +355,11 @@ def _letter_columns(row: dict[str, Any]) -> list[str]:
     for letter in LETTERS:
         if letter not in row:
             break
-        text = _cell(row, letter)
+        text = cell(row, letter)
         if not text:
             break
         choices.append(text)
-    later = [c for c in LETTERS[len(choices) + 1 :] if _cell(row, c)]
+    later = [c for c in LETTERS[len(choices) + 1 :] if cell(row, c)]
     if later:
         raise DataError(
             f"option column {LETTERS[len(choices)]} is empty but {later[0]} is filled "
@@ -709,33 +368,33 @@ def _letter_columns(row: dict[str, Any]) -> list[str]:
     return choices
 
 
-def _read_hrbench(name: str, root: Path, opts: _Options) -> list[Sample]:
+def _read_hrbench(name: str, root: Path, opts: ReadOptions) -> list[Sample]:
     candidates = _HRBENCH_FILES[name]
     path = _locate(root, candidates)
     if path is None:
         raise _missing(name, root, candidates)
 
     def convert(row_index: int, row: dict[str, Any], image: Segment) -> Sample:
-        index = _cell(row, "index")
+        index = cell(row, "index")
         if not index:
             raise DataError('empty "index"')
         meta = {"index": index}
-        if _cell(row, "cycle_category"):
-            meta["cycle_category"] = _cell(row, "cycle_category")
-        return _mc_sample(
+        if cell(row, "cycle_category"):
+            meta["cycle_category"] = cell(row, "cycle_category")
+        return mc_sample(
             image=image,
-            question=_cell(row, "question"),
+            question=cell(row, "question"),
             choices=_letter_columns(row),
-            answer=_cell(row, "answer"),
+            answer=cell(row, "answer"),
             sample_id=index,
-            category=_cell(row, "category") or None,
+            category=cell(row, "category") or None,
             dataset_name=name,
             source=f"{path}:{row_index}",
             system=opts.system,
             meta=meta,
         )
 
-    return _read_table_benchmark(path, opts, _HRBENCH_COLUMNS, convert)
+    return read_table_benchmark(path, opts, _HRBENCH_COLUMNS, convert)
 
 
 # --------------------------------------------------------------------------------------------
@@ -743,13 +402,13 @@ def _read_hrbench(name: str, root: Path, opts: _Options) -> list[Sample]:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_mme_realworld_lite(root: Path, opts: _Options) -> list[Sample]:
+def _read_mme_realworld_lite(root: Path, opts: ReadOptions) -> list[Sample]:
     path = _locate(root, _MME_JSON + _MME_TSV)
     if path is None:
         raise _missing("mme-realworld-lite", root, _MME_JSON + _MME_TSV)
     if path.suffix in (".tsv", ".parquet"):
         return _read_mme_table(path, opts)
-    rows = _load_json_list(path)
+    rows = load_json_list(path)
     base = path.parent
 
     def convert(row_index: int, row: Any) -> Sample:
@@ -759,17 +418,17 @@ def _read_mme_realworld_lite(root: Path, opts: _Options) -> list[Sample]:
         if missing:
             raise DataError(f"missing key(s) {missing} (keys: {sorted(row)})")
         image_name = row["Image"]
-        direct = _row_image_path(base, image_name, "Image", opts)  # type-checks the name first
-        tried = [_row_image_path(base, f"imgs/{image_name}", "Image", opts), direct]
+        direct = row_image_path(base, image_name, "Image", opts)  # type-checks the name first
+        tried = [row_image_path(base, f"imgs/{image_name}", "Image", opts), direct]
         image_path = next((p for p in tried if os.path.isfile(p)), None)
         if image_path is None:
             raise DataError(f"image file not found: tried {' and '.join(map(str, tried))}")
         task, subtask = str(row.get("Task", "")), str(row.get("Subtask", ""))
         category = "/".join(x for x in (task, subtask) if x) or None
-        return _mc_sample(
-            image=_file_image(image_path, opts.load_images),
+        return mc_sample(
+            image=file_image(image_path, opts.load_images),
             question=str(row["Text"]),
-            choices=_parse_paren_options(row["Answer choices"], '"Answer choices"'),
+            choices=parse_paren_options(row["Answer choices"], '"Answer choices"'),
             answer=row["Ground truth"],
             sample_id=str(row["Question_id"]),
             category=category,
@@ -779,10 +438,10 @@ def _read_mme_realworld_lite(root: Path, opts: _Options) -> list[Sample]:
             meta={k: row[k] for k in ("Category", "Subtask", "Task", "Image") if k in row},
         )
 
-    return _rows_to_samples(iter(enumerate(rows)), path, opts.limit, convert)
+    return rows_to_samples(iter(enumerate(rows)), path, opts.limit, convert)
 
 
-def _read_mme_table(path: Path, opts: _Options) -> list[Sample]:
+def _read_mme_table(path: Path, opts: ReadOptions) -> list[Sample]:
     def convert(row_index: int, row: dict[str, Any], image: Segment) -> Sample:
         raw = row.get("multi-choice options")
         if isinstance(raw, str):
@@ -791,24 +450,24 @@ def _read_mme_table(path: Path, opts: _Options) -> list[Sample]:
                 raw = ast.literal_eval(raw)
             except (ValueError, SyntaxError) as err:
                 raise DataError(f'"multi-choice options" is not a list literal ({err})') from None
-        index = _cell(row, "index")
+        index = cell(row, "index")
         meta = {"index": index}
-        if _cell(row, "l2-category"):
-            meta["l2_category"] = _cell(row, "l2-category")
-        return _mc_sample(
+        if cell(row, "l2-category"):
+            meta["l2_category"] = cell(row, "l2-category")
+        return mc_sample(
             image=image,
-            question=_cell(row, "question"),
-            choices=_parse_paren_options(raw, '"multi-choice options"'),
-            answer=_cell(row, "answer"),
+            question=cell(row, "question"),
+            choices=parse_paren_options(raw, '"multi-choice options"'),
+            answer=cell(row, "answer"),
             sample_id=index,
-            category=_cell(row, "category") or None,
+            category=cell(row, "category") or None,
             dataset_name="mme-realworld-lite",
             source=f"{path}:{row_index}",
             system=opts.system,
             meta=meta,
         )
 
-    return _read_table_benchmark(path, opts, _MME_TSV_COLUMNS, convert)
+    return read_table_benchmark(path, opts, _MME_TSV_COLUMNS, convert)
 
 
 # --------------------------------------------------------------------------------------------
@@ -816,7 +475,7 @@ def _read_mme_table(path: Path, opts: _Options) -> list[Sample]:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_synthetic(root: Path, opts: _Options, system: str | None) -> list[Sample]:
+def _read_synthetic(root: Path, opts: ReadOptions, system: str | None) -> list[Sample]:
     path = _locate(root, ("train.json",))
     if path is None:
         found = sorted(p for p in root.iterdir() if p.suffix in (".json", ".jsonl"))

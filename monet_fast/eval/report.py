@@ -7,8 +7,10 @@ JSON-friendly dict; `write_report` writes it:
 * `report.md` -- intervention | accuracy | 95% CI | Δ vs none | Δ 95% CI | n, then per-category
   accuracy and the collapse metrics per intervention;
 * `accuracy_by_intervention.png` -- accuracy bars with their bootstrap CIs;
-* `latent_cosine_heatmap.png` -- cosine matrix of the first latents (sample blocks outlined),
-  or a panel saying no latent traces were recorded.
+* `latent_cosine_heatmap.png` -- cosine matrix of the first mean-centred latents (sample blocks
+  outlined), or a panel saying no latent traces were recorded;
+* `trigger_rate.png` -- per intervention, the fraction of answers that opened a latent block and
+  the accuracy of the fired / not-fired answers, with CIs (`monet_fast.eval.plots`).
 
 Plots use matplotlib's object API with the Agg canvas (no pyplot, so no global backend switch in
 the caller's process). matplotlib is an optional dependency (`pip install monet_fast[plots]`):
@@ -32,7 +34,6 @@ rule-wrong items), so it stays in `n` and in the accuracy; `judge_failures` says
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -44,17 +45,20 @@ from typing import Any
 import numpy as np
 
 from monet_fast._io import atomic_write_bytes
-from monet_fast._optional import available, missing_message, require
+from monet_fast._optional import available, missing_message
 from monet_fast.eval.collapse import TraceLike, collapse_metrics, cosine_matrix
 from monet_fast.eval.interventions import INTERVENTIONS
-from monet_fast.eval.scoring import ScoredItem, accuracy_by_category
+from monet_fast.eval.plots import plot_accuracy, plot_heatmap, plot_trigger
+from monet_fast.eval.scoring import accuracy_by_category
 from monet_fast.eval.stats import bootstrap_ci, paired_bootstrap_delta
+from monet_fast.tasks.scoring import ScoredItem
 
 REPORT_FORMAT = "monet_fast.eval.report/1"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 ACCURACY_PNG = "accuracy_by_intervention.png"
 HEATMAP_PNG = "latent_cosine_heatmap.png"
+TRIGGER_PNG = "trigger_rate.png"
 
 
 def _get(item: ScoredItem | Mapping[str, Any], name: str, default: Any = None) -> Any:
@@ -79,6 +83,8 @@ def build_report(
     seed: int = 0,
     heatmap_latents: int = 128,
     heatmap_intervention: str | None = None,
+    fired: Mapping[str, Sequence[bool]] | None = None,
+    embedding_norm: float | None = None,
 ) -> dict[str, Any]:
     """Accuracy with bootstrap CIs, paired Δ vs `baseline`, per-category accuracy and collapse
     metrics for every intervention run.
@@ -91,7 +97,11 @@ def build_report(
         baseline: the run every Δ is measured against; Δs are None without it. Items are paired
             by sample_id; `n_paired` says how many were common.
         heatmap_intervention: whose traces the heatmap shows (default: the baseline's if
-            recorded, else the first run with traces).
+            recorded, else the first run with traces). The heatmap is of mean-centred latents.
+        fired: intervention name -> per item (same order as `items`), whether the answer
+            opened a latent block; adds each run's `trigger` (rate and accuracy split).
+        embedding_norm: mean input-embedding row norm; adds latent/embedding norm ratios to
+            the collapse metrics.
     """
     traces = traces or {}
     names = _ordered(list(items))
@@ -145,7 +155,14 @@ def build_report(
                 else None
             ),
             "judge_failures": judged.count("error"),
-            "collapse": collapse_metrics(run_traces) if run_traces is not None else None,
+            "collapse": (
+                collapse_metrics(run_traces, embedding_norm) if run_traces is not None else None
+            ),
+            "trigger": (
+                trigger_stats(run_items, fired[name], n_boot=n_boot, alpha=alpha, seed=seed)
+                if fired is not None and name in fired
+                else None
+            ),
         }
 
     heatmap = None
@@ -155,10 +172,11 @@ def build_report(
     if chosen is not None:
         if chosen not in traces:
             raise ValueError(f"heatmap_intervention {chosen!r} has no traces; have {with_traces}")
-        matrix, labels = cosine_matrix(traces[chosen], max_latents=heatmap_latents)
+        matrix, labels = cosine_matrix(traces[chosen], max_latents=heatmap_latents, centred=True)
         if labels:
             heatmap = {
                 "intervention": chosen,
+                "centred": True,
                 "labels": [list(x) for x in labels],
                 # 4 decimals: plenty for a picture, and keeps report.json small.
                 "matrix": np.round(matrix, 4).tolist(),
@@ -174,6 +192,37 @@ def build_report(
         "judge_failures": sum(r["judge_failures"] for r in runs.values()),
         "categories": sorted(categories),
         "heatmap": heatmap,
+        "trigger_rate": ((runs.get(baseline) or {}).get("trigger") or {}).get("rate"),
+    }
+
+
+def trigger_stats(
+    items: Sequence[ScoredItem | Mapping[str, Any]],
+    fired: Sequence[bool],
+    *,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Trigger rate (fraction of items whose answer opened a latent block) with its bootstrap
+    CI, and accuracy with CI on the fired and the not-fired items separately (NaN when a group
+    is empty)."""
+    if len(fired) != len(items):
+        raise ValueError(f"fired has {len(fired)} entries for {len(items)} items")
+    flags = np.array([bool(f) for f in fired], dtype=bool)
+    correct = np.array([bool(_get(i, "correct")) for i in items], dtype=np.float64)
+    rate, rate_ci = bootstrap_ci(flags.astype(np.float64), n_boot=n_boot, alpha=alpha, seed=seed)
+    acc_f, ci_f = bootstrap_ci(correct[flags], n_boot=n_boot, alpha=alpha, seed=seed)
+    acc_n, ci_n = bootstrap_ci(correct[~flags], n_boot=n_boot, alpha=alpha, seed=seed)
+    return {
+        "rate": rate,
+        "ci": list(rate_ci),
+        "n_fired": int(flags.sum()),
+        "n_not_fired": int((~flags).sum()),
+        "accuracy_fired": acc_f,
+        "ci_fired": list(ci_f),
+        "accuracy_not_fired": acc_n,
+        "ci_not_fired": list(ci_n),
     }
 
 
@@ -261,6 +310,29 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 "(wrong) and stay in the accuracy; see the log for sample ids and errors.",
             ]
 
+    triggered = {n: r["trigger"] for n, r in runs.items() if r.get("trigger")}
+    if triggered:
+        lines += [
+            "",
+            f"## Latent mode: {meta.get('latent_mode', 'auto')}",
+            "",
+            f"| intervention | trigger rate | {level}% CI | accuracy fired (n) | "
+            "accuracy not fired (n) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, t in triggered.items():
+            lines.append(
+                f"| {name} | {_pct(t['rate'])} | {_interval(t['ci'])} | "
+                f"{_pct(t['accuracy_fired'])} {_interval(t['ci_fired'])} ({t['n_fired']}) | "
+                f"{_pct(t['accuracy_not_fired'])} {_interval(t['ci_not_fired'])} "
+                f"({t['n_not_fired']}) |"
+            )
+        lines += [
+            "",
+            "Trigger rate: fraction of answers that opened a latent block (`auto`: the model "
+            "decides; `off`: never; `force`: every answer starts with one).",
+        ]
+
     categories = report.get("categories") or []
     if categories:
         lines += ["", "## Accuracy by category", ""]
@@ -279,25 +351,36 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "## Latent collapse",
             "",
             "| intervention | cos within | cos across (same step) | cos across (all) | "
-            "effective rank | norm mean ± std | latents |",
-            "|---|---|---|---|---|---|---|",
+            "effective rank | centred: cos within | cos across (same step) | effective rank | "
+            "norm mean ± std | norm / embedding norm | latents |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, c in collapsed.items():
             rank = f"{_num(c['effective_rank'], 2)} / {c['effective_rank_max']}"
             norm = f"{_num(c['norm_mean'], 2)} ± {_num(c['norm_std'], 2)}"
+            cc = c.get("centred") or {}
             lines.append(
                 f"| {name} | {_num(c['mean_cos_within'])} | {_num(c['mean_cos_across_same_step'])}"
-                f" | {_num(c['mean_cos_across_all'])} | {rank} | {norm} | {c['n_latents']} |"
+                f" | {_num(c['mean_cos_across_all'])} | {rank} | {_num(cc.get('mean_cos_within'))}"
+                f" | {_num(cc.get('mean_cos_across_same_step'))} | "
+                f"{_num(cc.get('effective_rank'), 2)} | {norm} | {_num(c.get('norm_ratio'), 2)} | "
+                f"{c['n_latents']} |"
             )
         first = next(iter(collapsed))
         steps = collapsed[first]["norm_per_step"]
         if steps:
             lines += ["", f"Latent L2 norm per step ({first}, mean ± std): "]
             lines[-1] += ", ".join(
-                f"{s['step']}: {_num(s['mean'], 1)} ± {_num(s['std'], 1)} (n={s['n']})"
+                f"{s['step']}: {_num(s['mean'], 1)} ± {_num(s['std'], 1)} (n={s['n']}"
+                + (f", ×{_num(s['ratio'], 2)} the embedding norm" if "ratio" in s else "")
+                + ")"
                 for s in steps
             )
         lines += [
+            "",
+            "Centred: the same statistics after subtracting the run's mean latent (the raw cosine "
+            "is dominated by one direction all hidden states share). Embedding norm: mean L2 "
+            "norm of the input-embedding rows.",
             "",
             "Cosines: mean over pairs of latents of one sample (within) or of different samples "
             "(across); effective rank: Roy & Vetterli 2007 over all latents, out of min(N, H).",
@@ -305,85 +388,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure_png(fig: Any) -> bytes:
-    require("matplotlib.backends.backend_agg", "plotting").FigureCanvasAgg(fig)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def plot_accuracy(report: Mapping[str, Any]) -> bytes:
-    """PNG bytes: accuracy per intervention (%) with CI error bars, baseline as a dashed line."""
-    Figure = require("matplotlib.figure", "plotting").Figure
-
-    runs = report["interventions"]
-    names = list(runs)
-    acc = np.array([_nan(runs[n]["accuracy"]) for n in names]) * 100
-    lo = np.array([_nan((runs[n]["ci"] or [None])[0]) for n in names]) * 100
-    hi = np.array([_nan((runs[n]["ci"] or [None, None])[1]) for n in names]) * 100
-    err = np.nan_to_num(np.stack([acc - lo, hi - acc]), nan=0.0).clip(min=0)
-    fig = Figure(figsize=(max(4.0, 1.1 * len(names) + 1.5), 3.6))
-    ax = fig.add_subplot()
-    baseline = report.get("baseline", "none")
-    colors = ["#4c72b0" if n == baseline else "#dd8452" for n in names]
-    ax.bar(names, np.nan_to_num(acc), yerr=err, capsize=4, color=colors)
-    if baseline in runs and math.isfinite(_nan(runs[baseline]["accuracy"])):
-        ax.axhline(100 * runs[baseline]["accuracy"], color="#4c72b0", ls="--", lw=1)
-    for x, name in enumerate(names):
-        delta = runs[name].get("delta_vs_baseline")
-        if name != baseline and delta is not None and math.isfinite(delta):
-            ax.annotate(f"{100 * delta:+.1f}", (x, 1), ha="center", va="bottom", fontsize=8)
-    ax.set_ylim(0, 100)
-    ax.set_ylabel("accuracy (%)")
-    level = round(100 * (1 - report.get("alpha", 0.05)))
-    meta = report.get("meta", {})
-    ax.set_title(f"{meta.get('bench', '')} accuracy by latent intervention ({level}% CI)".strip())
-    ax.tick_params(axis="x", labelrotation=20)
-    return _figure_png(fig)
-
-
-def _nan(x: Any) -> float:
-    return math.nan if x is None else float(x)
-
-
-def plot_heatmap(report: Mapping[str, Any]) -> bytes:
-    """PNG bytes: the heatmap's cosine matrix with sample boundaries, or a 'no traces' panel."""
-    Figure = require("matplotlib.figure", "plotting").Figure
-
-    heatmap = report.get("heatmap")
-    fig = Figure(figsize=(5.6, 4.8))
-    ax = fig.add_subplot()
-    if not heatmap or not heatmap.get("matrix"):
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no latent traces recorded", ha="center", va="center")
-        return _figure_png(fig)
-    matrix = np.array(
-        [[math.nan if v is None else v for v in row] for row in heatmap["matrix"]], dtype=float
-    )
-    image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r", interpolation="nearest")
-    fig.colorbar(image, ax=ax, label="cosine")
-    samples = [label[0] for label in heatmap["labels"]]
-    for i in range(1, len(samples)):
-        if samples[i] != samples[i - 1]:  # outline sample blocks: within vs across at a glance
-            ax.axhline(i - 0.5, color="k", lw=0.4)
-            ax.axvline(i - 0.5, color="k", lw=0.4)
-    name = heatmap.get("intervention", "")
-    collapse = (report["interventions"].get(name) or {}).get("collapse") or {}
-    ax.set_title(
-        f"latent cosine ({name}): within {_num(collapse.get('mean_cos_within'), 2)}, "
-        f"across {_num(collapse.get('mean_cos_across_same_step'), 2)}",
-        fontsize=9,
-    )
-    ax.set_xlabel(f"latent (sample-major, {len(set(samples))} samples)")
-    ax.set_ylabel("latent")
-    return _figure_png(fig)
-
-
 def write_report(out_dir: str | os.PathLike, report: Mapping[str, Any]) -> dict[str, Path]:
     """Write report.json, report.md and the PNG plots into `out_dir` (created if needed).
 
-    Returns {"json", "markdown", "accuracy_plot", "heatmap_plot"} -> paths written (the plots
-    are absent when matplotlib is not installed).
+    Returns {"json", "markdown", "accuracy_plot", "heatmap_plot", "trigger_plot"} -> paths
+    written (the plots are absent when matplotlib is not installed; the trigger plot when no run
+    recorded which answers opened a latent block).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -401,6 +411,9 @@ def write_report(out_dir: str | os.PathLike, report: Mapping[str, Any]) -> dict[
     paths["heatmap_plot"] = out / HEATMAP_PNG
     atomic_write_bytes(paths["accuracy_plot"], plot_accuracy(clean))
     atomic_write_bytes(paths["heatmap_plot"], plot_heatmap(clean))
+    if any(run.get("trigger") for run in clean["interventions"].values()):
+        paths["trigger_plot"] = out / TRIGGER_PNG
+        atomic_write_bytes(paths["trigger_plot"], plot_trigger(clean))
     return paths
 
 
@@ -408,6 +421,7 @@ __all__ = [
     "ACCURACY_PNG",
     "HEATMAP_PNG",
     "REPORT_FORMAT",
+    "TRIGGER_PNG",
     "REPORT_JSON",
     "REPORT_MD",
     "build_report",
@@ -415,5 +429,6 @@ __all__ = [
     "plot_heatmap",
     "render_markdown",
     "to_jsonable",
+    "trigger_stats",
     "write_report",
 ]

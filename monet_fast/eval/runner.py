@@ -2,7 +2,10 @@
 paired Δaccuracy with bootstrap CIs, collapse metrics and the report.
 
 `none` runs first: it is the baseline every Δ is measured against and the donor bank of
-`shuffle` (latents of another sample at the same step). How each intervention reaches the
+`shuffle` (latents of another sample at the same step). `latent_mode` says whether the model
+decides to open latent blocks (`auto`, what the trigger rate measures), never may (`off`:
+`<abs_vis_token>` masked out of the logits in every run) or must (`force`: every prompt ends with
+`<abs_vis_token>`, so each answer begins with a latent block). How each intervention reaches the
 decoder:
   zero / constant / noise / shuffle  -> `latent_transform` (each fed-back vector replaced)
   mask                               -> `hide_latents` (a closed block's slots hidden from later tokens)
@@ -23,9 +26,14 @@ from monet_fast.data.types import Sample
 from monet_fast.decode import generate
 from monet_fast.eval.interventions import LatentIntervention, parse_interventions
 from monet_fast.eval.report import build_report, write_report
-from monet_fast.eval.scoring import OpenAIJudge, ScoredItem, score_predictions
 from monet_fast.model.config import get_latent_config
+from monet_fast.model.feedback import embedding_norm
 from monet_fast.model.sequence import render_prompt
+from monet_fast.model.tokens import LATENT_START
+from monet_fast.tasks.judge import OpenAIJudge
+from monet_fast.tasks.scoring import ScoredItem, score_predictions
+
+LATENT_MODES: tuple[str, ...] = ("auto", "off", "force")
 
 
 @dataclass
@@ -39,9 +47,14 @@ class EvalConfig:
     seed: int = 0
     judge: OpenAIJudge | None = None
     progress: bool = True
+    latent_mode: str = "auto"  # auto | off | force (see the module docstring)
 
     def __post_init__(self) -> None:
         self.interventions = parse_interventions(self.interventions)
+        if self.latent_mode not in LATENT_MODES:
+            raise ValueError(
+                f"latent_mode must be one of {list(LATENT_MODES)}, got {self.latent_mode!r}"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_new_tokens < 1:
@@ -56,6 +69,7 @@ class InterventionRun:
 
     texts: list[str]
     traces: list[torch.Tensor]  # per sample [n_latents, H] (fed-back vectors, flat)
+    fired: list[bool]  # per sample: opened at least one latent block
     items: list[ScoredItem]
     tokens: int
     seconds: float
@@ -87,13 +101,16 @@ def run_intervention(
     start_id = get_latent_config(model).latent_start_id
     texts: list[str] = []
     traces: list[torch.Tensor] = []
+    fired: list[bool] = []
     tokens = 0
+    forced = LATENT_START if cfg.latent_mode == "force" else ""
+    banned = iv.skips_latent_blocks or cfg.latent_mode == "off"
     t0 = time.perf_counter()
     batches = range(0, len(samples), cfg.batch_size)
     bar = tqdm(batches, desc=f"eval [{iv.name}]", disable=not cfg.progress, unit="batch")
     for lo in bar:
         chunk = samples[lo : lo + cfg.batch_size]
-        inputs = [{"text": render_prompt(s), "images": s.question_images} for s in chunk]
+        inputs = [{"text": render_prompt(s) + forced, "images": s.question_images} for s in chunk]
         rows = torch.arange(lo, lo + len(chunk))
         transform = None
         if iv.modifies_vectors:
@@ -110,14 +127,17 @@ def run_intervention(
             return_latents=True,
             latent_transform=transform,
             hide_latents=iv.masks_latent_slots,
-            logits_processor=_no_start(start_id) if iv.skips_latent_blocks else None,
+            logits_processor=_no_start(start_id) if banned else None,
         )
         texts += out.texts
         tokens += sum(len(s) for s in out.sequences)
         traces += [_flat(lat, n) for lat, n in zip(out.latents, out.latent_counts)]
+        fired += [len(n) > 0 for n in out.latent_counts]
     seconds = time.perf_counter() - t0
     items = score_predictions(texts, samples, cfg.judge)
-    return InterventionRun(texts=texts, traces=traces, items=items, tokens=tokens, seconds=seconds)
+    return InterventionRun(
+        texts=texts, traces=traces, fired=fired, items=items, tokens=tokens, seconds=seconds
+    )
 
 
 def evaluate(
@@ -147,10 +167,14 @@ def evaluate(
     report = build_report(
         {name: run.items for name, run in runs.items()},
         {name: run.traces for name, run in runs.items()},
+        fired={name: run.fired for name, run in runs.items()},
+        embedding_norm=float(embedding_norm(model)),
         meta={
             "n_eval": len(samples),
             "latent_size": cfg.latent_size or get_latent_config(model).latent_size,
             "max_new_tokens": cfg.max_new_tokens,
+            "latent_mode": cfg.latent_mode,
+            "feedback_norm": get_latent_config(model).feedback_norm,
             **(meta or {}),
         },
         seed=cfg.seed,
@@ -161,7 +185,8 @@ def evaluate(
     }
     report["skipped_interventions"] = skipped
     report["predictions"] = {
-        name: [item.to_dict() for item in run.items] for name, run in runs.items()
+        name: [{**item.to_dict(), "fired": f} for item, f in zip(run.items, run.fired)]
+        for name, run in runs.items()
     }
     if out_dir is not None:
         write_report(out_dir, report)

@@ -12,6 +12,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["LATENT_LAYOUTS", "LatentConfig", "apply_latent_config", "get_latent_config"], "config"
     ),
+    **dict.fromkeys(["ArchAdapter", "arch_of", "get_arch"], "arch"),
     **dict.fromkeys(["LatentForwardOutput", "latent_forward"], "latent"),
     **dict.fromkeys(["load_pretrained", "save_pretrained"], "loading"),
     **dict.fromkeys(["QWEN2_VL_CHAT_TEMPLATE", "MonetProcessor"], "processor"),

@@ -29,7 +29,11 @@ _FIELDS: tuple[str, ...] = (
     "latent_token_id",
     "latent_start_id",
     "latent_end_id",
+    "feedback_norm",
 )
+
+# How a fed-back hidden state is rescaled before reuse (`monet_fast.model.feedback` applies it).
+FEEDBACK_NORMS: tuple[str, ...] = ("none", "match_embeddings")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,8 @@ class LatentConfig:
         latent_token_id: id of `<abs_vis_token_pad>` (latent slot), None if unknown.
         latent_start_id: id of `<abs_vis_token>`, None if unknown.
         latent_end_id: id of `</abs_vis_token>`, None if unknown.
+        feedback_norm: "none" or "match_embeddings": how a fed-back hidden state is rescaled
+            before it is reused as an input embedding (`monet_fast.model.feedback`).
     """
 
     latent_size: int = 8
@@ -49,6 +55,7 @@ class LatentConfig:
     latent_token_id: int | None = None
     latent_start_id: int | None = None
     latent_end_id: int | None = None
+    feedback_norm: str = "none"
 
     def __post_init__(self) -> None:
         # bool is an int subclass; True as a latent size is a bug, not K=1.
@@ -59,6 +66,10 @@ class LatentConfig:
         if self.latent_layout not in LATENT_LAYOUTS:
             raise ValueError(
                 f"latent_layout must be one of {list(LATENT_LAYOUTS)}, got {self.latent_layout!r}"
+            )
+        if self.feedback_norm not in FEEDBACK_NORMS:
+            raise ValueError(
+                f"feedback_norm must be one of {list(FEEDBACK_NORMS)}, got {self.feedback_norm!r}"
             )
         for name in ("latent_token_id", "latent_start_id", "latent_end_id"):
             value = getattr(self, name)
@@ -124,7 +135,7 @@ def get_latent_config(model_or_config: Any) -> LatentConfig:
     defaults = LatentConfig()
     values = {name: getattr(config, name, getattr(defaults, name)) for name in _FIELDS}
     # A config.json edited by hand or saved as None still means "use the default".
-    for name in ("latent_size", "latent_layout"):
+    for name in ("latent_size", "latent_layout", "feedback_norm"):
         if values[name] is None:
             values[name] = getattr(defaults, name)
     return LatentConfig(**values)

@@ -1,8 +1,8 @@
 """Batched one-pass latent forward for stages 1-3 (and for scoring given latents in VLPO).
 
 The reference computes latents per sample and per latent step in Python, then runs a second
-full forward for the losses. Here the whole batch goes through the stock Qwen2.5-VL language
-model segment by segment over one KV cache:
+full forward for the losses. Here the whole batch goes through the stock text model (reached
+through the architecture adapter, `monet_fast.model.arch`) segment by segment over one KV cache:
 
     text segment (one call) -> K latent steps (one call each) -> next text segment -> ...
 
@@ -33,10 +33,13 @@ import torch
 from transformers import DynamicCache
 
 from monet_fast._compat import cache_kwarg
+from monet_fast.data.latent_batch import LatentBatch
 from monet_fast.model import sequence as seq
+from monet_fast.model.arch import VisualInputs, arch_of
 from monet_fast.model.attention import ATTN_IMPLEMENTATION
 from monet_fast.model.cache_checkpoint import cache_safe_checkpointing, checkpointing_requested
 from monet_fast.model.config import LATENT_LAYOUTS
+from monet_fast.model.feedback import FeedbackNorm
 from monet_fast.model.losses import LatentGate, LossConfig, head_weighted_ce_sum, stage_loss
 
 
@@ -68,46 +71,40 @@ class LatentForwardOutput:
     extras: dict = field(default_factory=dict)
 
 
-def embed_inputs(model, batch: dict) -> torch.Tensor:
+def embed_inputs(model, batch: LatentBatch | dict) -> torch.Tensor:
     """Token embeddings with image features scattered into the image-pad rows, [B, L, H]."""
-    inner = model.model
-    ids = batch["input_ids"].to(model.device)
-    embeds = inner.get_input_embeddings()(ids)
-    if batch.get("pixel_values") is not None:
-        feats = inner.get_image_features(
-            batch["pixel_values"].to(model.device, model.dtype),
-            batch["image_grid_thw"].to(model.device),
-            return_dict=True,
-        ).pooler_output
-        feats = torch.cat(list(feats), dim=0).to(embeds.dtype)
-        image_mask = ids == model.config.image_token_id
-        if int(image_mask.sum()) != feats.shape[0]:
-            raise ValueError(
-                f"batch has {int(image_mask.sum())} image tokens but the images give "
-                f"{feats.shape[0]} features"
-            )
-        embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), feats)
-    return embeds
+    return embed_visual(model, batch).embeds
 
 
-def _check_blocks(batch: dict, latent_size: int) -> None:
+def embed_visual(model, batch: LatentBatch | dict) -> VisualInputs:
+    """`embed_inputs` plus the per-layer visual features some architectures add later
+    (Qwen3-VL's DeepStack; None for Qwen2.5-VL). `batch`: a LatentBatch or a processor
+    output (input_ids, pixel_values, image_grid_thw)."""
+    if isinstance(batch, dict):
+        ids, pixels, grid = (batch.get(k) for k in ("input_ids", "pixel_values", "image_grid_thw"))
+    else:
+        ids, pixels, grid = batch.input_ids, batch.pixel_values, batch.image_grid_thw
+    return arch_of(model).embed(model, ids, pixels, grid)
+
+
+def _check_blocks(batch: LatentBatch, latent_size: int) -> None:
     """sft: every block has exactly K slots after START. monet_vllm (VLPO replay of the released
     Monet-7B's runner): START's own row is the first slot and a block holds 1..K rows (an early
     END, an EOS or the end of the generation shortens it)."""
-    layout = batch.get("latent_layout", "sft")
+    layout = batch.latent_layout
     if layout not in LATENT_LAYOUTS:
         raise ValueError(f"latent_layout must be one of {list(LATENT_LAYOUTS)}, got {layout!r}")
-    for b, lay in enumerate(batch["layouts"]):
+    for b, lay in enumerate(batch.layouts):
         for blk in lay.latent_blocks:
             n = blk.slots[1] - blk.slots[0]
             if layout == "sft" and n != latent_size:
                 raise ValueError(
-                    f"sample {batch['keys'][b]}: a latent block has {n} slots, expected "
+                    f"sample {batch.keys[b]}: a latent block has {n} slots, expected "
                     f"latent_size={latent_size}"
                 )
             if layout == "monet_vllm" and (blk.slots[0] != blk.start or not 1 <= n <= latent_size):
                 raise ValueError(
-                    f"sample {batch['keys'][b]}: a monet_vllm latent block must start at its "
+                    f"sample {batch.keys[b]}: a monet_vllm latent block must start at its "
                     f"<abs_vis_token> row and hold 1..latent_size={latent_size} rows, got rows "
                     f"{blk.slots} with <abs_vis_token> at {blk.start}"
                 )
@@ -232,7 +229,7 @@ def _scatter_rows(
 
 def latent_forward(
     model,
-    batch: dict,
+    batch: LatentBatch,
     stage: str | None = None,
     teacher: list[torch.Tensor] | None = None,
     *,
@@ -246,13 +243,13 @@ def latent_forward(
 ) -> LatentForwardOutput:
     """Run a collated batch through the model with latent feedback and compute the stage losses.
 
-    batch: from `monet_fast.data.collate` (right padding). stage: defaults to batch["stage"].
+    batch: from `monet_fast.data.collate` (right padding). stage: defaults to batch.stage.
     teacher: stage 2 — per sample [n_layers+1, n_obs, hidden] teacher states at observation
       positions; stage 3 — per sample [n_layers+1, n_slots, hidden] stage-2 latent trajectories.
       Without it the alignment term is skipped.
     latents: optional per-sample [n_slots, hidden] vectors to feed instead of the fed-back
       hidden states (replaying rollouts, interventions).
-    batch["latent_layout"] (optional, default "sft"): "monet_vllm" replays the released
+    batch.latent_layout (optional, default "sft"): "monet_vllm" replays the released
       Monet-7B's vLLM layout: a block's slots start at its `<abs_vis_token>` row and hold 1..K
       rows (`monet_fast.train.replay_vllm`); the feedback rule is the same (a slot's input is the
       hidden state of the row before it).
@@ -266,28 +263,33 @@ def latent_forward(
       recompute (`monet_fast.model.cache_checkpoint`); None = whenever transformers' gradient
       checkpointing was enabled on the model. Only acts in training mode with grad enabled.
     """
-    from .lora import unwrap
+    from .unwrap import unwrap
 
     model = unwrap(model)  # a peft wrapper: its base model runs with the adapters
-    stage = stage or batch["stage"]
+    stage = stage or batch.stage
     seq.check_stage(stage)
     cfg = loss_config or LossConfig()
     device = model.device
-    layouts = batch["layouts"]
+    layouts = batch.layouts
     bsz = len(layouts)
-    _check_blocks(batch, batch["latent_size"])
+    _check_blocks(batch, batch.latent_size)
     if teacher is not None and len(teacher) != bsz:
         raise ValueError(f"teacher has {len(teacher)} entries for a batch of {bsz} samples")
 
+    arch = arch_of(model)
     aligned = align_layout(layouts)
-    embeds = _scatter_rows(embed_inputs(model, batch), aligned)
-    positions = torch.stack(
-        [_scatter_rows(batch["position_ids"][a], aligned) for a in range(3)]
-    ).to(device)
-    mrows = batch.get("masked_rows") if stage == "stage2" else None
+    visual = embed_visual(model, batch)
+    embeds = _scatter_rows(visual.embeds, aligned)
+    deepstack = (
+        None if visual.deepstack is None else visual.deepstack.relayout(aligned.col, aligned.length)
+    )
+    positions = torch.stack([_scatter_rows(batch.position_ids[a], aligned) for a in range(3)]).to(
+        device
+    )
+    mrows = batch.masked_rows if stage == "stage2" else None
     if mrows is not None:
         mrows = _remap_rows(mrows, aligned)
-    lm = model.model.language_model
+    lm = arch.language_model(model)
     if getattr(lm.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
         # Fast path: the Triton kernel reads the compact description; padding columns come
         # from the 2-D validity mask. No L x L tensor is built.
@@ -317,6 +319,7 @@ def latent_forward(
     state_chunks: list[tuple[torch.Tensor, ...]] = []
 
     cache = DynamicCache(config=lm.config)
+    feedback = FeedbackNorm.for_model(model)  # latent.feedback_norm, target read once
     cache_kw = cache_kwarg(lm)
     gate_state = {"closed": False}
     step_inputs: list[torch.Tensor] = []  # gated latent inputs, one [B, H] per slot step
@@ -332,7 +335,7 @@ def latent_forward(
             n = len(lay.slot_positions)
             if tuple(latents[b].shape) != (n, embeds.shape[-1]):
                 raise ValueError(
-                    f"sample {batch['keys'][b]}: latents must be [{n}, {embeds.shape[-1]}], "
+                    f"sample {batch.keys[b]}: latents must be [{n}, {embeds.shape[-1]}], "
                     f"got {tuple(latents[b].shape)}"
                 )
             override[b, aligned.col[b][lay.slot_positions].to(device)] = latents[b].to(
@@ -349,7 +352,8 @@ def latent_forward(
                 c0 = chunk[1]
                 c1 = c0 + 1
                 has = aligned.valid[:, c0].to(device)
-                fed = last[:, -1] if override is None else override[:, c0]
+                # Replayed latents (override) were recorded after the feedback rule.
+                fed = feedback(last[:, -1]) if override is None else override[:, c0]
                 fed = LatentGate.apply(fed, gate_state)
                 step_inputs.append(fed)
                 slot_rows.append(has)
@@ -360,6 +364,7 @@ def latent_forward(
                 position_ids=positions[:, :, c0:c1],
                 **attention_kwargs(c0, c1),
                 **{cache_kw: cache},
+                **arch.lm_kwargs(None if deepstack is None else deepstack.columns(c0, c1)),
                 use_cache=True,
                 output_hidden_states=bool(need),
             )
@@ -383,8 +388,8 @@ def latent_forward(
         )
 
     # CE: the logit at original position t-1 predicts labels[t].
-    labels = batch["labels"]
-    obs_mask = batch["observation_mask"]
+    labels = batch.labels
+    obs_mask = batch.observation_mask
     obs_w = cfg.obs_weight_for(stage)
     rows_b, rows_c, targets, weights = [], [], [], []
     for b in range(bsz):
@@ -425,7 +430,7 @@ def latent_forward(
     if student is not None and teacher_layers is not None:
         student = [st[list(teacher_layers)] for st in student]
     loss, align_loss, align_sum, align_count = stage_loss(
-        stage, ce_loss, student, teacher, cfg, step_inputs, gate_state, batch["keys"]
+        stage, ce_loss, student, teacher, cfg, step_inputs, gate_state, batch.keys
     )
 
     hidden_out = None

@@ -21,8 +21,10 @@ import torch
 from transformers import DynamicCache
 
 from monet_fast._compat import cache_kwarg
+from monet_fast.data.latent_batch import LatentBatch
 from monet_fast.model import sequence as seq
-from monet_fast.model.latent import LatentForwardOutput, embed_inputs
+from monet_fast.model.arch import arch_of
+from monet_fast.model.latent import LatentForwardOutput, embed_visual
 from monet_fast.model.losses import LatentGate, LossConfig, stage_loss, weighted_ce_sum
 
 MASK_MODES = ("reference", "consistent")
@@ -32,13 +34,19 @@ def _float_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
-def _step(lm, cache, pos, s: int, e: int, allowed: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
-    """Run positions [s, e) over the cache with rows [s, e) of the `allowed` mask."""
+def _step(
+    lm, cache, pos, s: int, e: int, allowed: torch.Tensor, inp: torch.Tensor, visual: dict
+) -> torch.Tensor:
+    """Run positions [s, e) over the cache with rows [s, e) of the `allowed` mask.
+
+    visual: the sample's (arch, deepstack) to pass the columns' per-layer visual features."""
+    arch, deepstack = visual["arch"], visual["deepstack"]
     out = lm(
         inputs_embeds=inp,
         position_ids=pos[:, :, s:e],
         attention_mask=_float_mask(allowed[:, :, s:e, :e], inp.dtype).to(inp.device),
         **{cache_kwarg(lm): cache},
+        **arch.lm_kwargs(None if deepstack is None else deepstack.columns(s, e)),
         use_cache=True,
     )
     return out.last_hidden_state
@@ -46,7 +54,7 @@ def _step(lm, cache, pos, s: int, e: int, allowed: torch.Tensor, inp: torch.Tens
 
 def reference_latent_forward(
     model,
-    batch: dict,
+    batch: LatentBatch,
     stage: str | None = None,
     teacher: list[torch.Tensor] | None = None,
     *,
@@ -55,15 +63,17 @@ def reference_latent_forward(
     detach_latent_inputs: bool = True,
 ) -> LatentForwardOutput:
     """Per-sample, per-latent loop + second full forward; same outputs as `latent_forward`."""
-    stage = stage or batch["stage"]
+    stage = stage or batch.stage
     seq.check_stage(stage)
     if mask_mode not in MASK_MODES:
         raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
     cfg = loss_config or LossConfig()
     device = model.device
-    lm = model.model.language_model
-    layouts = batch["layouts"]
-    embeds_all = embed_inputs(model, batch)
+    arch = arch_of(model)
+    lm = arch.language_model(model)
+    layouts = batch.layouts
+    visual_all = embed_visual(model, batch)
+    embeds_all = visual_all.embeds
     dtype = embeds_all.dtype
     gate_state = {"closed": False}
     obs_w = cfg.obs_weight_for(stage)
@@ -76,10 +86,15 @@ def reference_latent_forward(
         lo, hi = lay.valid
         n = hi - lo
         x = embeds_all[b : b + 1, lo:hi]
-        pos = batch["position_ids"][:, b : b + 1, lo:hi].to(device)
+        ds = visual_all.deepstack
+        visual = {
+            "arch": arch,
+            "deepstack": None if ds is None else ds.rows(b, b + 1).columns(lo, hi),
+        }
+        pos = batch.position_ids[:, b : b + 1, lo:hi].to(device)
         causal = torch.ones(n, n, dtype=torch.bool).tril().view(1, 1, n, n)
-        if stage == "stage2" and batch.get("masked_rows") is not None:
-            rows = batch["masked_rows"][b : b + 1, lo:hi].clone()
+        if stage == "stage2" and batch.masked_rows is not None:
+            rows = batch.masked_rows[b : b + 1, lo:hi].clone()
             rows = (rows - lo).clamp(min=0)  # row indices relative to the trimmed sequence
             staged = seq.allowed_mask(rows, n)
         else:
@@ -100,14 +115,14 @@ def reference_latent_forward(
                     if mask_mode == "reference" and img is not None and img[0] - lo >= prev:
                         cut = img[0] - lo  # image tail [cut, p) runs plain causal
                     if cut > prev:
-                        h_last = _step(lm, cache, pos, prev, cut, staged, x[:, prev:cut])
+                        h_last = _step(lm, cache, pos, prev, cut, staged, x[:, prev:cut], visual)
                     if p > cut:
-                        h_last = _step(lm, cache, pos, cut, p, causal, x[:, cut:p])
+                        h_last = _step(lm, cache, pos, cut, p, causal, x[:, cut:p], visual)
                 v = h_last[:, -1]
                 vecs.append(v[0])
                 inp = v.detach() if detach_latent_inputs else v
                 step_mask = causal if mask_mode == "reference" else staged
-                h_last = _step(lm, cache, pos, p, p + 1, step_mask, inp.unsqueeze(1))
+                h_last = _step(lm, cache, pos, p, p + 1, step_mask, inp.unsqueeze(1), visual)
                 prev = p + 1
 
         # Pass 2: the full sequence with the latents inserted.
@@ -122,6 +137,7 @@ def reference_latent_forward(
             attention_mask=_float_mask(staged, dtype).to(device),
             use_cache=False,
             output_hidden_states=True,
+            **arch.lm_kwargs(visual["deepstack"]),
         )
         hidden = out.last_hidden_state[0]
         states = torch.stack(out.hidden_states)[:, 0]  # [n_layers+1, n, H]
@@ -129,10 +145,10 @@ def reference_latent_forward(
         slot_states.append(states[:, slots])
         latents.append(torch.stack(vecs) if vecs else x.new_zeros(0, x.shape[-1]))
 
-        labels = batch["labels"][b]
+        labels = batch.labels[b]
         t = (labels != seq.IGNORE_INDEX).nonzero().flatten()
         t = t[t > lo]
-        w = torch.where(batch["observation_mask"][b, t], obs_w, 1.0).to(device)
+        w = torch.where(batch.observation_mask[b, t], obs_w, 1.0).to(device)
         s, wsum = weighted_ce_sum(
             model.lm_head(hidden[(t - 1 - lo).to(device)]), labels[t].to(device), w
         )
@@ -148,7 +164,7 @@ def reference_latent_forward(
         cfg,
         gated,
         gate_state,
-        batch["keys"],
+        batch.keys,
     )
     return LatentForwardOutput(
         latents=latents,

@@ -1,9 +1,10 @@
-"""Load and save Monet / Qwen2.5-VL checkpoints from local directories.
+"""Load and save Monet / Qwen2.5-VL / Qwen3-VL checkpoints from local directories.
 
-`load_pretrained` accepts our own saves and the released Qwen2.5-VL-7B / Monet-7B directory
-layouts. It checks the directory up front, so a missing or truncated file is reported by name
+`load_pretrained` accepts our own saves, the released Qwen2.5-VL-7B / Monet-7B directory
+layouts and Qwen3-VL directories (any `model_type` with an adapter in `monet_fast.model.arch`). It checks the directory up front, so a missing or truncated file is reported by name
 instead of surfacing as a deep transformers or safetensors error, then loads the stock
-`Qwen2_5_VLForConditionalGeneration` (so plain transformers can load what we save), adds
+class of the architecture (`Qwen2_5_VLForConditionalGeneration`, `Qwen3VLForConditionalGeneration`;
+so plain transformers can load what we save), adds
 Monet's tokens (idempotent), makes sure the embedding table holds every id (never shrinking it:
 Qwen2.5-VL-7B's 152,064 rows already cover Monet's ids, as in the reference), and applies the
 latent config. Nothing is downloaded.
@@ -19,6 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .arch import get_arch, supported
 from .config import LatentConfig, apply_latent_config, get_latent_config
 from .processor import MonetProcessor, missing_processor_files
 from .tokens import IMAGE_PAD, ensure_embedding_rows
@@ -28,7 +30,6 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS = "pytorch_model.bin"
 TORCH_WEIGHTS_INDEX = "pytorch_model.bin.index.json"
-_MODEL_TYPE = "qwen2_5_vl"
 
 
 def _weight_files(path: Path) -> list[Path] | None:
@@ -48,10 +49,12 @@ def _weight_files(path: Path) -> list[Path] | None:
 
 
 def check_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """Raise a clear error unless `path` is a complete, readable Qwen2.5-VL checkpoint directory.
+    """Raise a clear error unless `path` is a complete, readable checkpoint directory of a
+    supported architecture (`monet_fast.model.arch.supported()`).
 
     FileNotFoundError lists every missing piece (config, weights, shards, tokenizer, image
-    processor config); ValueError names a config.json that is not JSON or not Qwen2.5-VL, and a
+    processor config); ValueError names a config.json that is not JSON or of an unsupported
+    model_type, and a
     safetensors file whose header is corrupt or whose data is truncated. (Bit flips inside
     tensor data are not detectable: safetensors carries no checksum.)
     """
@@ -76,10 +79,10 @@ def check_checkpoint_dir(path: str | os.PathLike) -> Path:
         config = json.loads((p / CONFIG_FILE).read_text(encoding="utf-8"))
     except ValueError as err:
         raise ValueError(f"{p / CONFIG_FILE} is not valid JSON: {err}") from err
-    if config.get("model_type") != _MODEL_TYPE:
+    if config.get("model_type") not in supported():
         raise ValueError(
             f"{p / CONFIG_FILE} has model_type {config.get('model_type')!r}; "
-            f"monet_fast loads {_MODEL_TYPE!r} (Qwen2.5-VL) checkpoints"
+            f"monet_fast loads {supported()} checkpoints (adapters in monet_fast/model/arch/)"
         )
 
     from safetensors import safe_open
@@ -112,34 +115,34 @@ def load_pretrained(
     """Load (model, processor) from a local checkpoint directory.
 
     Args:
-        path: our save, or a Qwen2.5-VL-7B / Monet-7B directory (local files only).
+        path: our save, or a Qwen2.5-VL-7B / Monet-7B / Qwen3-VL directory (local files only).
         dtype: torch dtype or name ("bfloat16"); None keeps the dtype stored in config.json.
         device: where to move the model (e.g. "cuda"); None leaves it on the CPU.
         latent_size, latent_layout: override the saved latent config (K and layout).
         min_pixels, max_pixels: override the image budget of preprocessor_config.json (the
             stock Qwen2.5-VL-7B allows up to 12.8 M pixels, i.e. 16,384 tokens per image).
         quantize: "4bit" | "8bit" loads the weights quantized by bitsandbytes (QLoRA; CUDA only,
-            placed on `device` or cuda:0 at load; see `monet_fast.model.lora.quantization_config`).
+            placed on `device` or cuda:0 at load; see `monet_fast.model.quantize.quantization_config`).
 
-    Returns the stock `Qwen2_5_VLForConditionalGeneration` in eval mode and a MonetProcessor
+    Returns the stock model class of the directory's model_type (e.g.
+    `Qwen2_5_VLForConditionalGeneration`) in eval mode and a MonetProcessor
     whose tokenizer has Monet's tokens; `model.config` carries the latent config with the
     tokenizer's latent ids.
     """
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     p = check_checkpoint_dir(path)
+    adapter = get_arch(json.loads((p / CONFIG_FILE).read_text(encoding="utf-8"))["model_type"])
     extra: dict[str, Any] = {}
     if quantize is not None:
         import torch
 
-        from .lora import quantization_config
+        from .quantize import quantization_config
 
         compute = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         extra["quantization_config"] = quantization_config(quantize, compute or torch.bfloat16)
         # Quantized weights cannot be moved after loading: place them while loading.
         extra["device_map"] = {"": str(device) if device is not None else "cuda:0"}
         device = None
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    model = adapter.model_class().from_pretrained(
         str(p), local_files_only=True, dtype=dtype if dtype is not None else "auto", **extra
     )
     processor = MonetProcessor.from_pretrained(p, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -161,7 +164,7 @@ def load_pretrained(
         latent_size=latent_size if latent_size is not None else saved.latent_size,
         latent_layout=latent_layout if latent_layout is not None else saved.latent_layout,
     )
-    apply_latent_config(model, latent)
+    apply_latent_config(model, latent.replace(feedback_norm=saved.feedback_norm))
 
     if device is not None:
         model = model.to(device)

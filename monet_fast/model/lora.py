@@ -1,4 +1,4 @@
-"""LoRA / QLoRA through `peft`: wrap a Qwen2.5-VL model, unwrap it, merge it for export.
+"""LoRA / QLoRA through `peft`: wrap a Qwen-VL model, unwrap it, merge it for export.
 
 `add_lora` injects adapters into the model *in place* and returns the `PeftModel` wrapper; the
 wrapped model itself (`unwrap(peft_model)`) keeps every attribute path the latent code reads
@@ -8,24 +8,25 @@ So the latent forward and the decoder take either object: they call `unwrap` fir
 `export_merged` writes a plain Hugging Face checkpoint (base weights + B·A·alpha/r, no peft
 keys: stock transformers loads it) and, beside it, the adapters alone (`PeftModel.save_pretrained`).
 `adapters_disabled` runs the base model without its adapters: VLPO's KL reference, with no
-second copy of the weights. `quantization_config` is the QLoRA loading step (bitsandbytes, GPU).
+second copy of the weights. QLoRA's loading step is `monet_fast.model.quantize`.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from monet_fast._optional import require
+from monet_fast.model.unwrap import unwrap
 
 if TYPE_CHECKING:  # torch is imported where used: the config module reads the constants below
     import torch
 
-# Qwen2.5-VL's decoder projections (attention + MLP): the usual LoRA target set.
+# The decoder projections (attention + MLP; same names in Qwen2.5-VL and Qwen3-VL): the usual
+# LoRA target set.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = (
     "q_proj",
     "k_proj",
@@ -35,55 +36,10 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
     "up_proj",
     "down_proj",
 )
-QUANTIZE_MODES: tuple[str, ...] = ("4bit", "8bit")
 # The vision tower's module names (its MLP reuses gate_proj/up_proj/down_proj): excluded from
 # the adapters while it is frozen (peft matches a string pattern against the full module name).
 VISION_EXCLUDE = r"(.*\.)?visual(\..*)?"
 ADAPTER_NAME = "default"
-
-
-def unwrap(model: Any) -> Any:
-    """The transformers model inside a peft wrapper (PeftModel or a LoRA tuner), else `model`.
-
-    peft injects its layers into the wrapped model, so the unwrapped model runs *with* the
-    adapters; only the wrapper's attribute paths differ. Does not import peft.
-    """
-    peft = sys.modules.get("peft")
-    if peft is None:
-        return model
-    if isinstance(model, peft.PeftModel):
-        return model.get_base_model()
-    if isinstance(model, peft.tuners.tuners_utils.BaseTuner):
-        return model.model
-    return model
-
-
-def quantization_config(mode: str, compute_dtype: torch.dtype) -> Any:
-    """transformers' BitsAndBytesConfig for `model.quantize` (QLoRA: NF4, double quantisation).
-
-    Raises ValueError for an unknown mode or without a CUDA GPU (bitsandbytes' kernels are CUDA
-    only) before importing bitsandbytes, so the refusal does not need it installed.
-    """
-    import torch
-
-    if mode not in QUANTIZE_MODES:
-        raise ValueError(f"model.quantize must be one of {list(QUANTIZE_MODES)}, got {mode!r}")
-    if not torch.cuda.is_available():
-        raise ValueError(
-            f"model.quantize {mode} (QLoRA) needs a CUDA GPU: bitsandbytes' quantized layers "
-            "run on CUDA only; on CPU train LoRA without quantize"
-        )
-    require("bitsandbytes", f"model.quantize {mode}")
-    from transformers import BitsAndBytesConfig
-
-    if mode == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
 
 
 def add_lora(
@@ -205,12 +161,9 @@ def adapters_disabled(model: Any) -> Iterator[Any]:
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
-    "QUANTIZE_MODES",
     "adapters_disabled",
     "add_lora",
     "export_merged",
     "lora_layers",
     "merged_state_dict",
-    "quantization_config",
-    "unwrap",
 ]

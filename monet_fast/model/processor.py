@@ -1,4 +1,8 @@
-"""MonetProcessor: a Qwen2.5-VL processor of our own with the HF call signature.
+"""MonetProcessor: a Qwen2.5-VL / Qwen3-VL processor of our own with the HF call signature.
+
+Both architectures use the Qwen2-VL image processor (Qwen3-VL with patch 16 and mean/std 0.5:
+the defaults come from its `monet_fast.model.arch` adapter or the checkpoint's
+preprocessor_config.json) and the same image-pad expansion; `model_type` records which one.
 
 Why not `Qwen2_5_VLProcessor`: in transformers 5.24 it cannot be constructed without
 torchvision (its video processor needs it), and no torchvision wheel works with the CPU torch
@@ -119,6 +123,7 @@ class MonetProcessor:
     `processor(text=..., images=..., return_tensors="pt", padding=True)` returns a
     `transformers.BatchFeature` with `input_ids`, `attention_mask`, `mm_token_type_ids`
     (0 text, 1 image) and, when images are given, `pixel_values` and `image_grid_thw`.
+    `model_type` names the architecture it prepares inputs for (`monet_fast.model.arch`).
     """
 
     image_token = IMAGE_PAD
@@ -131,7 +136,13 @@ class MonetProcessor:
         "mm_token_type_ids",
     ]
 
-    def __init__(self, image_processor: Any, tokenizer: Any, chat_template: str | None = None):
+    def __init__(
+        self,
+        image_processor: Any,
+        tokenizer: Any,
+        chat_template: str | None = None,
+        model_type: str = "qwen2_5_vl",
+    ):
         vocab = tokenizer.get_vocab()
         missing = [tok for tok in (IMAGE_PAD, VIDEO_PAD) if tok not in vocab]
         if missing:
@@ -141,6 +152,7 @@ class MonetProcessor:
         self.chat_template = chat_template or QWEN2_VL_CHAT_TEMPLATE
         self.image_token_id = vocab[IMAGE_PAD]
         self.video_token_id = vocab[VIDEO_PAD]
+        self.model_type = model_type
 
     # ------------------------------------------------------------------ call
 
@@ -330,7 +342,10 @@ class MonetProcessor:
         if add_monet:
             add_monet_tokens(tokenizer)
         return cls(
-            image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=chat_template,
+            model_type=_model_type(path),
         )
 
     def __repr__(self) -> str:
@@ -353,6 +368,18 @@ def missing_processor_files(path: str | os.PathLike) -> list[str]:
     if not (p / PREPROCESSOR_CONFIG).is_file():
         missing.append(PREPROCESSOR_CONFIG)
     return missing
+
+
+def _model_type(path: Path) -> str:
+    # A model directory says which architecture its processor serves; a bare processor
+    # directory (no config.json) is taken as Qwen2.5-VL's.
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            return json.loads(config.read_text(encoding="utf-8")).get("model_type") or "qwen2_5_vl"
+        except ValueError:
+            pass  # load_pretrained reports a corrupt config.json by name
+    return "qwen2_5_vl"
 
 
 def _read_chat_template(path: Path) -> str | None:

@@ -29,11 +29,12 @@ import torch
 
 from monet_fast.latent_mask import masked_rows_from_spans
 from monet_fast.model import tokens as T
+from monet_fast.stage import STAGE_NAMES
 
 if TYPE_CHECKING:  # data imports this module for collate; keep the runtime import one-way
     from monet_fast.data.types import Sample
 
-STAGES: tuple[str, ...] = ("stage1", "stage2", "stage3", "infer")
+STAGES: tuple[str, ...] = STAGE_NAMES  # the values of monet_fast.stage.Stage
 IGNORE_INDEX = -100
 
 

@@ -1,4 +1,4 @@
-"""A tiny Qwen2.5-VL model, tokenizer and processor built in code, for offline tests and the demo.
+"""A tiny Qwen2.5-VL or Qwen3-VL model, tokenizer and processor built in code, for offline tests.
 
 Everything here is deterministic and needs no download: the tokenizer is a byte-level BPE
 trained with the `tokenizers` library on a generated corpus (chat words plus the synthetic task's
@@ -7,7 +7,11 @@ tokens; the model is the stock `Qwen2_5_VLForConditionalGeneration` with small d
 7B's structure (mRoPE with the 1:3:3 section split, windowed vision tower with a merger,
 untied LM head, spare embedding rows beyond the tokenizer's length). `real_geometry_config` /
 `tiny_model(geometry="qwen2_5_vl_7b")` give the 7B's attention geometry (hidden 3584, heads of
-128 and 80) at two layers with narrow MLPs, for real-shape tests and benchmarks.
+128 and 80) at two layers with narrow MLPs, for real-shape tests and benchmarks;
+`geometry="qwen3_vl_8b"` the same for Qwen3-VL-8B (hidden 4096, heads of 128 and 72, DeepStack).
+`arch="qwen3_vl"` builds the stock `Qwen3VLForConditionalGeneration` instead (DeepStack, interleaved
+mRoPE, patch 16), over the same tokenizer; what differs comes from its `monet_fast.model.arch`
+adapter.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import json
 import random
 from typing import Any
 
+from .arch import DEFAULT_ARCH, get_arch
 from .config import LatentConfig, apply_latent_config
-from .processor import QWEN2_VL_CHAT_TEMPLATE, MonetProcessor, qwen_image_processor
+from .processor import QWEN2_VL_CHAT_TEMPLATE, MonetProcessor
 from .tokens import (
     ENDOFTEXT,
     IM_END,
@@ -43,8 +48,11 @@ _PRETOKENIZE_REGEX = (
 TINY_BPE_VOCAB = 1000
 # The real table (152,064) is padded past the tokenizer (151,670); we round up to this multiple.
 VOCAB_MULTIPLE = 64
-TINY_MIN_PIXELS = 28 * 28 * 4
-TINY_MAX_PIXELS = 28 * 28 * 64
+# Image budget in LLM tokens (4..64); in pixels it scales with the architecture's patch size
+# (Qwen2.5-VL: 28 x 28 pixels per token, Qwen3-VL: 32 x 32).
+TINY_MIN_TOKENS, TINY_MAX_TOKENS = 4, 64
+TINY_MIN_PIXELS = 28 * 28 * TINY_MIN_TOKENS
+TINY_MAX_PIXELS = 28 * 28 * TINY_MAX_TOKENS
 
 _CHAT_WORDS = (
     "you are a an the helpful assistant user system is are was be can could would should will "
@@ -192,13 +200,25 @@ def tiny_tokenizer(monet_tokens: bool = True) -> Any:
 
 
 def tiny_processor(
-    min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS, monet_tokens: bool = True
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    monet_tokens: bool = True,
+    arch: str = DEFAULT_ARCH,
 ) -> MonetProcessor:
-    """A MonetProcessor over `tiny_tokenizer()`; images are budgeted to 4..64 LLM tokens."""
+    """A MonetProcessor over `tiny_tokenizer()` with `arch`'s image processor and chat template;
+    images are budgeted to 4..64 LLM tokens unless min_pixels / max_pixels say otherwise."""
+    adapter = get_arch(arch)
+    token_px = (adapter.patch_size * adapter.merge_size) ** 2
+    tokenizer = tiny_tokenizer(monet_tokens=monet_tokens)
+    tokenizer.chat_template = adapter.chat_template
     return MonetProcessor(
-        image_processor=qwen_image_processor(min_pixels=min_pixels, max_pixels=max_pixels),
-        tokenizer=tiny_tokenizer(monet_tokens=monet_tokens),
-        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+        image_processor=adapter.image_processor(
+            min_pixels=min_pixels if min_pixels is not None else token_px * TINY_MIN_TOKENS,
+            max_pixels=max_pixels if max_pixels is not None else token_px * TINY_MAX_TOKENS,
+        ),
+        tokenizer=tokenizer,
+        chat_template=adapter.chat_template,
+        model_type=adapter.model_type,
     )
 
 
@@ -206,26 +226,22 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _mrope_section(head_dim: int) -> list[int]:
-    # Qwen2.5-VL-7B splits head_dim/2 = 64 rotary frequencies as [16, 24, 24] over (t, h, w);
-    # keep the same 1:3:3 proportions.
-    half = head_dim // 2
-    t = half // 4
-    h = (half - t) // 2
-    return [t, h, half - t - h]
-
-
-def tiny_config(vocab_size: int | None = None, tokenizer: Any = None, **overrides: Any) -> Any:
-    """A small `Qwen2_5_VLConfig` whose special-token ids match `tiny_tokenizer()`.
+def tiny_config(
+    vocab_size: int | None = None,
+    tokenizer: Any = None,
+    arch: str = DEFAULT_ARCH,
+    **overrides: Any,
+) -> Any:
+    """A small config of `arch` (default `Qwen2_5_VLConfig`) whose special-token ids match
+    `tiny_tokenizer()`; the architecture's own fields come from its adapter.
 
     `vocab_size` defaults to len(tokenizer) rounded up to a multiple of 64, leaving spare rows
     as the real 152,064-row table does. `overrides` are text-config fields (e.g.
     `hidden_size=128, num_hidden_layers=4`), top-level fields (e.g. `tie_word_embeddings`), or
     `text_config=` / `vision_config=` dicts merged into the defaults.
     """
-    from transformers import Qwen2_5_VLConfig
-    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
-
+    adapter = get_arch(arch)
+    text_config_class = adapter.text_config_class()
     tok = tokenizer if tokenizer is not None else tiny_tokenizer()
     vocab = tok.get_vocab()
     if vocab_size is None:
@@ -242,23 +258,10 @@ def tiny_config(vocab_size: int | None = None, tokenizer: Any = None, **override
         "num_key_value_heads": 2,
         "max_position_embeddings": 32768,
         "rms_norm_eps": 1e-6,
-        "use_sliding_window": False,
-        "bos_token_id": vocab[ENDOFTEXT],
-        "eos_token_id": vocab[IM_END],
         "pad_token_id": vocab[ENDOFTEXT],
+        **adapter.tiny_text_defaults({"endoftext": vocab[ENDOFTEXT], "im_end": vocab[IM_END]}),
     }
-    vision: dict[str, Any] = {
-        "depth": 1,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 2,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "window_size": 112,
-        "fullatt_block_indexes": [0],
-        "tokens_per_second": 2,
-    }
+    vision: dict[str, Any] = adapter.tiny_vision_defaults()
     top: dict[str, Any] = {
         "image_token_id": vocab[IMAGE_PAD],
         "video_token_id": vocab[VIDEO_PAD],
@@ -267,8 +270,8 @@ def tiny_config(vocab_size: int | None = None, tokenizer: Any = None, **override
         "tie_word_embeddings": False,  # untied, like the 7B
     }
     # transformers 5.x configs are dataclasses; fall back to __init__'s parameters otherwise.
-    text_fields = set(getattr(Qwen2_5_VLTextConfig, "__dataclass_fields__", ())) or set(
-        inspect.signature(Qwen2_5_VLTextConfig.__init__).parameters
+    text_fields = set(getattr(text_config_class, "__dataclass_fields__", ())) or set(
+        inspect.signature(text_config_class.__init__).parameters
     )
     for key, value in overrides.items():
         if key == "text_config":
@@ -281,17 +284,17 @@ def tiny_config(vocab_size: int | None = None, tokenizer: Any = None, **override
             text[key] = value
         else:
             raise ValueError(
-                f"unknown tiny_config override {key!r}; use a Qwen2.5-VL text-config field, "
+                f"unknown tiny_config override {key!r}; use a {adapter.display_name} text-config "
+                "field, "
                 f"one of {sorted(top)}, or text_config= / vision_config= dicts"
             )
-    head_dim = text["hidden_size"] // text["num_attention_heads"]
-    text.setdefault(
-        "rope_parameters",
-        {"rope_type": "default", "rope_theta": 1e4, "mrope_section": _mrope_section(head_dim)},
-    )
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    if "head_dim" in text_fields:
+        text.setdefault("head_dim", head_dim)
+    text.setdefault("rope_parameters", adapter.tiny_rope(head_dim))
     # The merger projects vision features straight into the LM's embedding space.
     vision.setdefault("out_hidden_size", text["hidden_size"])
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **top)
+    return adapter.config_class()(text_config=text, vision_config=vision, **top)
 
 
 # The shapes of released checkpoints that decide attention, RoPE and vision-tower tensor layouts
@@ -322,6 +325,37 @@ GEOMETRIES: dict[str, dict[str, Any]] = {
         # The 7B (depth 32) runs full attention in the last block of every 8: [7, 15, 23, 31].
         "full_attention_every": 8,
     },
+    # Qwen/Qwen3-VL-8B-Instruct config.json (as quoted in NVIDIA/TensorRT-LLM
+    # tests/unittest/_torch/modeling/test_modeling_qwen3vl.py, QWEN3_VL_8B_CONFIG; the vision
+    # values are also transformers' Qwen3VLVisionConfig defaults). Depth 36 text / 27 vision.
+    "qwen3_vl_8b": {
+        "arch": "qwen3_vl",
+        "text_config": {
+            "hidden_size": 4096,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,  # GQA group 4
+            "head_dim": 128,  # explicit in the config (= 4096 / 32 here, not in the 4B)
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 5e6,
+                "mrope_section": [24, 20, 20],  # of 64 frequencies, interleaved t, h, w
+                "mrope_interleaved": True,
+            },
+        },
+        "vision_config": {
+            "hidden_size": 1152,
+            "num_heads": 16,  # head_dim 72 (not a power of two)
+            "out_hidden_size": 4096,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 2304,  # a 48 x 48 grid of learned ViT positions
+        },
+        # DeepStack: vision blocks [8, 16, 24] of 27 feed decoder layers 0, 1, 2 (of 36), each
+        # through its own merger (4608 -> 4608 -> 4096). `real_geometry_config` keeps as many
+        # levels as the reduced depths allow, from the first vision block.
+        "deepstack_levels": 3,
+    },
 }
 
 
@@ -335,12 +369,15 @@ def real_geometry_config(
     tokenizer: Any = None,
     **overrides: Any,
 ) -> Any:
-    """A `Qwen2_5_VLConfig` with a released model's attention geometry (`GEOMETRIES`) but
-    `layers` text layers, `vision_depth` vision blocks and narrow MLPs, over `tiny_tokenizer()`.
+    """A config of the geometry's architecture (`Qwen2_5_VLConfig`, `Qwen3VLConfig`) with a
+    released model's attention geometry (`GEOMETRIES`) but `layers` text layers, `vision_depth`
+    vision blocks and narrow MLPs, over `tiny_tokenizer()`.
 
-    The vision tower keeps the real block pattern: windowed blocks, with full attention in the
-    last block of every group of 8 and in the last block (depth 2 -> [1]). `overrides` are as
-    for `tiny_config` (text_config= / vision_config= dicts are merged over the geometry).
+    The vision tower keeps the real block pattern: for Qwen2.5-VL windowed blocks, with full
+    attention in the last block of every group of 8 and in the last block (depth 2 -> [1]); for
+    Qwen3-VL min(3, vision_depth, layers - 1) DeepStack levels (at least one) from blocks 0, 1,
+    ... (2 layers -> [0]), each with the real merger shape. `overrides` are as for `tiny_config`
+    (text_config= / vision_config= dicts are merged over the geometry).
     """
     if geometry not in GEOMETRIES:
         raise ValueError(f"geometry must be one of {sorted(GEOMETRIES)}, got {geometry!r}")
@@ -348,8 +385,17 @@ def real_geometry_config(
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     geo = copy.deepcopy(GEOMETRIES[geometry])  # configs may normalise nested dicts in place
-    every = geo["full_attention_every"]
-    full = sorted({i for i in range(vision_depth) if i % every == every - 1} | {vision_depth - 1})
+    pattern: dict[str, Any] = {}
+    if "full_attention_every" in geo:
+        every = geo["full_attention_every"]
+        pattern["fullatt_block_indexes"] = sorted(
+            {i for i in range(vision_depth) if i % every == every - 1} | {vision_depth - 1}
+        )
+    if "deepstack_levels" in geo:
+        # Level i is added after decoder layer i. As in the 8B, a later layer must follow it:
+        # one added after the last layer only changes the image tokens' own logits (no loss).
+        levels = max(1, min(geo["deepstack_levels"], vision_depth, layers - 1))
+        pattern["deepstack_visual_indexes"] = list(range(levels))
     text = {
         **geo["text_config"],
         "num_hidden_layers": layers,
@@ -360,10 +406,23 @@ def real_geometry_config(
         **geo["vision_config"],
         "depth": vision_depth,
         "intermediate_size": vision_intermediate_size,
-        "fullatt_block_indexes": full,
+        **pattern,
         **overrides.pop("vision_config", {}),
     }
-    return tiny_config(tokenizer=tokenizer, text_config=text, vision_config=vision, **overrides)
+    return tiny_config(
+        tokenizer=tokenizer,
+        arch=geometry_arch(geometry),
+        text_config=text,
+        vision_config=vision,
+        **overrides,
+    )
+
+
+def geometry_arch(geometry: str) -> str:
+    """The architecture (`monet_fast.model.arch` model type) of a `GEOMETRIES` entry."""
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {sorted(GEOMETRIES)}, got {geometry!r}")
+    return GEOMETRIES[geometry].get("arch", "qwen2_5_vl")
 
 
 def tiny_model(
@@ -372,22 +431,34 @@ def tiny_model(
     latent_size: int = 8,
     latent_layout: str = "sft",
     geometry: str | None = None,
+    arch: str | None = None,
     **config_overrides: Any,
 ) -> tuple[Any, MonetProcessor]:
-    """(model, processor): a seeded fp32 tiny `Qwen2_5_VLForConditionalGeneration` in eval mode.
+    """(model, processor): a seeded fp32 tiny `Qwen2_5_VLForConditionalGeneration` in eval mode,
+    or the stock class of `arch` (a `monet_fast.model.arch` model_type, e.g. "qwen3_vl").
 
     The same seed gives identical weights; the global torch RNG is left untouched. Monet's tokens
     are in the tokenizer (inside the spare embedding rows, no resize) and the latent config
     (`latent_size`, `latent_layout`, token ids) is on `model.config`. `geometry` (a key of
-    `GEOMETRIES`, e.g. "qwen2_5_vl_7b") builds the config with `real_geometry_config` instead of
-    `tiny_config`; `config_overrides` go to whichever builds it.
+    `GEOMETRIES`, e.g. "qwen2_5_vl_7b", "qwen3_vl_8b") builds the config with
+    `real_geometry_config` instead of `tiny_config`, and implies its architecture (`arch`, when
+    given, must match); `config_overrides` go to whichever builds it.
     """
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    processor = tiny_processor()
+    if geometry is not None:
+        implied = geometry_arch(geometry)
+        if arch is not None and arch != implied:
+            raise ValueError(
+                f"geometry {geometry!r} is a {implied!r} model, got arch={arch!r}; "
+                "leave arch unset or pass the matching one"
+            )
+        arch = implied
+    arch = arch if arch is not None else DEFAULT_ARCH
+    adapter = get_arch(arch)
+    processor = tiny_processor(arch=arch)
     if geometry is None:
-        config = tiny_config(tokenizer=processor.tokenizer, **config_overrides)
+        config = tiny_config(tokenizer=processor.tokenizer, arch=arch, **config_overrides)
     else:
         config = real_geometry_config(geometry, tokenizer=processor.tokenizer, **config_overrides)
     apply_latent_config(
@@ -399,6 +470,13 @@ def tiny_model(
     # fork_rng: seeding must not change the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        model = adapter.model_class()(config)
+    # Qwen3-VL's text config has no eos field; its checkpoints carry eos and pad in
+    # generation_config.json, as set here (Qwen2.5-VL gets the same values from its config).
+    gen = model.generation_config
+    if gen.eos_token_id is None:
+        gen.eos_token_id = processor.tokenizer.convert_tokens_to_ids(IM_END)
+    if gen.pad_token_id is None:
+        gen.pad_token_id = processor.tokenizer.convert_tokens_to_ids(ENDOFTEXT)
     model = model.to(torch.float32).eval()
     return model, processor

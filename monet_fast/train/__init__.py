@@ -28,7 +28,7 @@ _LAZY = {
     "MissingTeacherEntry": "monet_fast.train.teacher",
     "precompute_teacher_cache": "monet_fast.train.teacher",
     "read_metrics": "monet_fast.train.metrics",
-    "rl": "monet_fast.train.vlpo",
+    "rl": "monet_fast.train.rl_cli",
     "VLPORecipe": "monet_fast.train.vlpo",
     "RLConfig": "monet_fast.train.vlpo",
     "load_rl_config": "monet_fast.train.vlpo",

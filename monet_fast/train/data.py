@@ -24,11 +24,14 @@ import torch
 
 from monet_fast.data.batching import collate
 from monet_fast.data.images import PIXELS_PER_TOKEN, resize_by_token_budget
-from monet_fast.data.reader import DataError, DataWarning, read_monet_sft_with_report, validate
+from monet_fast.data.latent_batch import LatentBatch
+from monet_fast.data.reader import DataError, DataWarning, read_monet_sft_with_report
 from monet_fast.data.synthetic import make_samples
 from monet_fast.data.types import Sample
+from monet_fast.data.validation import validate
 from monet_fast.model import sequence as seq
-from monet_fast.train.config import DataSection
+from monet_fast.stage import Stage
+from monet_fast.train.config_schema import DataSection
 
 logger = logging.getLogger(__name__)
 
@@ -152,24 +155,25 @@ def apply_image_budget(sample: Sample, budget: Sequence[int] | None) -> Sample:
     )
 
 
-def ce_weight_of(batch: dict, obs_weight: float) -> float:
+def ce_weight_of(batch: LatentBatch, obs_weight: float) -> float:
     """Σ CE weights of a collated batch, as `latent_forward` will count them (before running it).
 
     Targets: labels != -100 at positions > 0; observation targets weigh `obs_weight`.
     """
-    labels = batch["labels"]
+    labels = batch.labels
     target = labels != seq.IGNORE_INDEX
     target[:, 0] = False
-    w = torch.where(batch["observation_mask"], obs_weight, 1.0)
+    w = torch.where(batch.observation_mask, obs_weight, 1.0)
     return float((w * target).sum())
 
 
-def align_count_of(batch: dict, student_stage: int) -> int:
+def align_count_of(batch: LatentBatch, student_stage: Stage | int) -> int:
     """Samples whose alignment term is non-empty (observation tokens / latent slots)."""
-    if student_stage == 2:
-        return sum(1 for lay in batch["layouts"] if lay.observation_positions)
-    if student_stage == 3:
-        return sum(1 for lay in batch["layouts"] if lay.slot_positions)
+    stage = Stage.of(student_stage)
+    if stage is Stage.STAGE2:
+        return sum(1 for lay in batch.layouts if lay.observation_positions)
+    if stage is Stage.STAGE3:
+        return sum(1 for lay in batch.layouts if lay.slot_positions)
     return 0
 
 
@@ -178,7 +182,7 @@ class MicroBatch:
     """One collated micro-batch plus the numbers the loss normalisation needs up front."""
 
     samples: list[Sample]
-    batch: dict
+    batch: LatentBatch
     teacher: list[torch.Tensor] | None
     ce_weight: float
     align_count: int
@@ -217,11 +221,11 @@ class SFTCollator:
         self.on_error = on_error
         self.with_teacher = with_teacher
 
-    def _collate(self, samples: list[Sample]) -> dict:
+    def _collate(self, samples: list[Sample]) -> LatentBatch:
         return collate(
             samples,
             self.processor,
-            f"stage{self.student_stage}",
+            Stage.of(self.student_stage),
             self.latent_size,
             label_observation_tags=self.label_observation_tags,
         )
@@ -259,7 +263,7 @@ class SFTCollator:
             teacher=teacher,
             ce_weight=ce_weight_of(batch, self.obs_weight),
             align_count=align_count_of(batch, self.student_stage) if self.with_teacher else 0,
-            n_tokens=int(batch["attention_mask"].sum()),
+            n_tokens=int(batch.attention_mask.sum()),
             skipped=skipped,
         )
 

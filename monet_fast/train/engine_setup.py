@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from monet_fast.train.config import ConfigError, OptimSection, SchedulerSection, TrainConfig
+from monet_fast.train.config_schema import ConfigError, OptimSection, RunConfig, SchedulerSection
 
 logger = logging.getLogger("monet_fast.train")
 
@@ -124,7 +124,7 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return base
 
 
-def build_deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
+def build_deepspeed_config(cfg: RunConfig, world_size: int, bf16: bool) -> dict:
     """The DeepSpeed config dict: the JSON file (if any) with "auto" filled from `cfg`."""
     path = cfg.resolved_deepspeed_json()
     where = str(path) if path is not None else "(built in)"

@@ -24,12 +24,8 @@ gradients over data-parallel ranks (hence the · world_size).
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
-import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +35,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from monet_fast._compat import enable_activation_checkpointing
 from monet_fast.model.losses import LossConfig
 from monet_fast.train import checkpoint as ckpt
 from monet_fast.train.config import ConfigError, TrainConfig
@@ -66,8 +61,8 @@ from monet_fast.train.engine_setup import (  # noqa: F401 (re-exported)
     seed_everything,
     setup_distributed,
 )
-from monet_fast.train.lora import ADAPTER_DIR, export_lora, wrap_policy
 from monet_fast.train.metrics import MetricsLogger
+from monet_fast.train.recipe_base import RecipeBase
 
 logger = logging.getLogger("monet_fast.train")
 
@@ -142,8 +137,10 @@ class TrainResult:
     samples_per_s: float = 0.0
 
 
-class SFTRecipe:
+class SFTRecipe(RecipeBase):
     """SFT on DeepSpeed: shared loop for stages 1-3 (subclasses in `sft.py` add the teacher).
+    A sibling of `VLPORecipe` over `recipe_base.RecipeBase` (set-up, engine, checkpoints,
+    resume, export).
 
     Features: ZeRO-2 by default (ZeRO-3 / CPU offload by config), bf16 on GPU and fp32 on CPU,
     gradient checkpointing (every stage; cache-safe in stages 2/3), gradient accumulation with
@@ -175,18 +172,12 @@ class SFTRecipe:
         resume: str | None = None,
         forward_fn: Callable | None = None,
     ) -> None:
-        cfg.validate()
+        super().__init__(cfg, resume=resume)
         if self.stage and cfg.stage != self.stage:
             raise ConfigError(
                 f"{type(self).__name__} trains stage {self.stage}, config has {cfg.stage}"
             )
-        if cfg.output is None:
-            raise ConfigError("no output directory: pass --output DIR or set output: in the config")
-        self.cfg = cfg
-        self.resume = resume
         self.forward_fn = forward_fn
-        self.output = Path(cfg.output)
-        self.ckpt_root = self.output / ckpt.CHECKPOINT_DIR
         self.loss_config = LossConfig(
             obs_weight=cfg.loss.obs_weight,
             align_weight=cfg.loss.align_weight,
@@ -195,10 +186,7 @@ class SFTRecipe:
             ce_chunk_size=cfg.loss.ce_chunk_size,
         )
         self.obs_weight = self.loss_config.obs_weight_for(cfg.student_stage)
-        self.engine = None
-        self.metrics: MetricsLogger | None = None
         self.online_teacher = None
-        self.peft_model = None  # the PeftModel wrapper of self.model with model.lora
         self.teacher_cache = None
         self.teacher_layers: list[int] | None = None
 
@@ -212,32 +200,12 @@ class SFTRecipe:
     def setup_common(self, *, check_checkpoints: bool = True) -> None:
         """Distributed init, seeds, run directory, data. (Also used by teacher precompute.)"""
         cfg = self.cfg
-        self.dist = setup_distributed()
-        self.rank, self.world = self.dist.rank, self.dist.world_size
-        self.device = self.dist.device
-        seed_everything(cfg.seed)
-        if cfg.model.precision == "auto":
-            self.bf16 = self.device.type == "cuda"
-        else:
-            self.bf16 = cfg.model.precision == "bf16"
-        self.dtype = torch.bfloat16 if self.bf16 else torch.float32
-
-        has_ckpt = ckpt.latest_tag(self.ckpt_root) is not None
-        if has_ckpt and self.resume is None and check_checkpoints:
-            raise ConfigError(
-                f"{self.output} already holds checkpoints (latest: "
-                f"{ckpt.latest_tag(self.ckpt_root)}); pass --resume to continue that run or "
-                "choose another --output"
-            )
-        if self.rank == 0:
-            self.output.mkdir(parents=True, exist_ok=True)
-            (self.output / "config.yaml").write_text(self.cfg.dump(), encoding="utf-8")
-
+        self.setup_runtime()
+        if check_checkpoints:
+            self.refuse_existing_checkpoints()
+        self.write_run_files()
         self.samples, self.data_report = load_samples(cfg.data)
-        if self.rank == 0:
-            (self.output / "data_report.json").write_text(
-                json.dumps(self.data_report.to_dict(), indent=2), encoding="utf-8"
-            )
+        self.write_data_report()
         tr = cfg.trainer
         self.global_batch = tr.micro_batch_size * tr.grad_accum * self.world
         self.steps_per_epoch = len(self.samples) // self.global_batch
@@ -250,50 +218,13 @@ class SFTRecipe:
         self.total_steps = cfg.scheduler.total_steps or tr.epochs * self.steps_per_epoch
         self.stop_step = tr.max_steps or tr.epochs * self.steps_per_epoch
 
-    def load_model(self, path: str | None, quantize: str | None = None) -> tuple[nn.Module, Any]:
-        """(model, processor) from a directory, or the tiny model when path is None.
-        quantize: model.quantize (QLoRA base, loaded onto the device; the policy only)."""
-        from monet_fast.model.config import LatentConfig, apply_latent_config
-        from monet_fast.model.loading import load_pretrained
-        from monet_fast.model.tiny import tiny_model
-
-        cfg = self.cfg.model
-        if path is not None:
-            model, processor = load_pretrained(
-                path,
-                dtype=self.dtype,
-                quantize=quantize,
-                device=self.device if quantize else None,
-            )
-        else:
-            model, processor = tiny_model(cfg.tiny_seed, latent_size=cfg.latent_size)
-        if quantize is None:  # quantized weights keep their storage dtype
-            model = model.to(self.dtype)
-        if cfg.attn_implementation is not None:
-            model.set_attn_implementation(cfg.attn_implementation)
-        # K travels with the weights: the exported config.json carries it.
-        apply_latent_config(
-            model, LatentConfig.from_tokenizer(processor.tokenizer, latent_size=cfg.latent_size)
-        )
-        return (model if quantize else model.to(self.device)), processor
-
     def setup(self) -> None:
         """Build everything: data, model, teacher, DeepSpeed engine; load a checkpoint if resuming."""
 
         self.setup_common()
         cfg = self.cfg
         t0 = time.perf_counter()
-        self.init_path = cfg.model.init  # the model trained from (QLoRA export reloads it)
-        self.model, self.processor = self.load_model(cfg.model.init, cfg.model.quantize)
-        if cfg.model.freeze_vision:
-            # Reference: `model.visual` (ViT + merger) frozen in every SFT stage.
-            self.model.model.visual.requires_grad_(False)
-        # LoRA: adapters injected into self.model (which stays the plain model); only they train.
-        self.peft_model = wrap_policy(self.model, cfg.model)
-        if cfg.model.gradient_checkpointing:
-            # Non-reentrant, as the reference (the method's name depends on transformers).
-            enable_activation_checkpointing(self.model, use_reentrant=False)
-        self.model.train()
+        self.prepare_policy(cfg.model.init)
         self.setup_teacher()
 
         self.collator = SFTCollator(
@@ -348,58 +279,6 @@ class SFTRecipe:
             skipped_rows=self.data_report.n_skipped,
             setup_s=time.perf_counter() - t0,
         )
-
-    def init_engine(self, module: nn.Module, optimizer, scheduler) -> None:
-        """deepspeed.initialize with `self.ds_config` (kept in the run directory by rank 0)."""
-        from monet_fast._optional import require
-
-        deepspeed = require("deepspeed", "training")
-
-        if not self.cfg.trainer.shared_filesystem:
-            # Every node writes the model states next to its own ZeRO shards (no shared disk).
-            self.ds_config.setdefault("checkpoint", {})["use_node_local_storage"] = True
-        if self.rank == 0:
-            (self.output / "deepspeed_config.json").write_text(
-                json.dumps(self.ds_config, indent=2), encoding="utf-8"
-            )
-        _quiet_deepspeed()
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=module,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=self.ds_config,
-            dist_init_required=False,
-        )
-        self.module = self.engine.module
-        self.model = self.module.model  # ZeRO-3 may have re-registered parameters
-
-    def resume_progress(
-        self,
-        fresh: ckpt.TrainingProgress,
-        load: Callable[[Any, Path, str], ckpt.TrainingProgress],
-    ) -> ckpt.TrainingProgress:
-        """The run's progress record: `fresh` (built from the config) for a new run; with
-        --resume, the checkpoint's (loaded into the engine by `load(engine, root, tag)`), whose
-        position is kept while seed, data and batch sizes come from the config (differences are
-        logged)."""
-        if self.resume is None:
-            return fresh
-        leader = ckpt.is_leader(self.rank, self.dist.local_rank, self.cfg.trainer.shared_filesystem)
-        root, tag = ckpt.resolve_resume(self.ckpt_root, self.resume, leader=leader)
-        saved = load(self.engine, root, tag)
-        for note in ckpt.compare_progress(saved, fresh):
-            logger.warning("resume: %s", note)
-        if self.rank == 0:
-            logger.info(
-                "resumed %s/%s at step %d (position from the checkpoint; seed, data and batch "
-                "sizes from the config)",
-                root,
-                tag,
-                saved.global_step,
-            )
-        for name in ("seed", "global_batch_size", "dataset_fingerprint", "n_samples", "world_size"):
-            setattr(saved, name, getattr(fresh, name))
-        return saved
 
     # ---- training ---------------------------------------------------------------------------
 
@@ -552,118 +431,9 @@ class SFTRecipe:
         ce_sum, ce_w = _all_reduce_sum([ce_sum, ce_w], self.device)
         return {"eval_ce_loss": ce_sum / max(ce_w, 1.0)}
 
-    # ---- checkpoints and export ---------------------------------------------------------------
-
-    def save_checkpoint(self) -> Path:
-        path = ckpt.save_checkpoint(
-            self.engine,
-            self.ckpt_root,
-            self.progress,
-            keep_last=self.cfg.trainer.keep_last,
-            rank=self.rank,
-            local_rank=self.dist.local_rank,
-            shared_filesystem=self.cfg.trainer.shared_filesystem,
-        )
-        if self.metrics is not None:
-            self.metrics.event("checkpoint", step=self.progress.global_step, path=str(path))
-        return path
-
-    def export(self, path: str | os.PathLike | None = None) -> Path:
-        """Write the current weights as a Hugging Face directory (default <output>/hf)."""
-        path = Path(path) if path is not None else self.output / ckpt.EXPORT_DIR
-        if self.peft_model is not None:
-            # LoRA: adapters merged into a plain HF checkpoint, and saved alone beside it.
-            export_lora(
-                self.peft_model,
-                self.processor,
-                path,
-                self.output / ADAPTER_DIR,
-                zero_stage=self.zero_stage,
-                rank=self.rank,
-                # QLoRA: merge onto the full-precision init model (quantized weights can't be
-                # written as a plain checkpoint).
-                reload_base=(lambda: self.load_model(self.init_path)[0])
-                if self.cfg.model.quantize
-                else None,
-            )
-        else:
-            ckpt.export_hf(
-                self.model, self.processor, path, zero_stage=self.zero_stage, rank=self.rank
-            )
-        _barrier()
-        if self.metrics is not None:
-            self.metrics.event("export", step=self.progress.global_step, path=str(path))
-        return path
-
     def cleanup(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
-        if self.engine is not None and hasattr(self.engine, "destroy"):
-            self.engine.destroy()
-        self.engine = None
+        super().cleanup()
         self.online_teacher = None
-
-    def run(self) -> TrainResult:
-        """setup() + train() + cleanup()."""
-        try:
-            self.setup()
-            return self.train()
-        finally:
-            self.cleanup()
-
-
-def run_cli(run: Callable[[], Any], summary: Callable[[Any], str]) -> int:
-    """Run a training entry point from the command line: INFO logging, `summary(result)` printed
-    on rank 0, and the process group torn down however the run ends."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        result = run()
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        if rank == 0:
-            print(summary(result))
-        return 0
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def module_main(
-    argv: list[str] | None,
-    *,
-    prog: str,
-    command: str,
-    description: str | None,
-    add_arguments: Callable[[argparse.ArgumentParser], None],
-    run_from_args: Callable[[argparse.Namespace], int],
-) -> int:
-    """`python -m ...` entry of a recipe (torchrun / deepspeed launch it this way).
-
-    Intermixed parsing: key=value overrides may come before, between or after the options.
-    """
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    add_arguments(parser)
-    args = parser.parse_intermixed_args(argv)
-    try:
-        return run_from_args(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"monet-fast {command}: error: {err}", file=sys.stderr)
-        return 2
-    except ModuleNotFoundError as err:  # deepspeed not installed: one line, not a traceback
-        from monet_fast._optional import exit_missing_dependency
-
-        return exit_missing_dependency(err, f"monet-fast {command}")
-
-
-def _quiet_deepspeed() -> None:
-    """DeepSpeed logs its whole config at INFO on every initialize; keep warnings only."""
-    if os.environ.get("MONET_FAST_DS_VERBOSE") == "1":
-        return
-    try:
-        from deepspeed.utils import logger as ds_logger
-
-        ds_logger.setLevel(logging.WARNING)
-    except ImportError:  # pragma: no cover
-        pass
 
 
 __all__ = [

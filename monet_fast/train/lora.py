@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from monet_fast.train.config import ModelSection
+from monet_fast.train.config_schema import ModelSection
 
 ADAPTER_DIR = "adapter"  # <output>/adapter: the adapters alone, beside the merged <output>/hf
 

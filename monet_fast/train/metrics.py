@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from monet_fast.train.config import LoggingSection
+from monet_fast.train.config_schema import LoggingSection
 
 METRICS_FILE = "metrics.jsonl"
 

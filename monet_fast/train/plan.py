@@ -2,7 +2,8 @@
 
 Pure arithmetic over the model's dimensions; nothing is loaded. All sizes are bytes, per GPU.
 Symbols: H hidden, L layers, I MLP width, V vocabulary, nh / nkv attention / key-value heads,
-kvH = H·nkv/nh, b bytes per element of the compute dtype (2 bf16, 4 fp32), N GPUs, B micro-batch
+d head size (the config's explicit head_dim, Qwen3-VL; else H/nh), A = nh·d the attention width,
+kvH = nkv·d, b bytes per element of the compute dtype (2 bf16, 4 fp32), N GPUs, B micro-batch
 (samples per GPU per forward), S tokens per sample, P parameters (P_t trainable).
 
 * weights     P·b (ZeRO-3: P·b/N plus two gathered decoder layers); 4bit/8bit QLoRA bases 0.5/1
@@ -11,14 +12,16 @@ kvH = H·nkv/nh, b bytes per element of the compute dtype (2 bf16, 4 fp32), N GP
 * optimizer   P_t·(4 + 4 + m)/N: AdamW's two fp32 moments plus the fp32 master copy DeepSpeed
               keeps when training in bf16 (m = 4, 0 in fp32); 0 on the GPU with --offload.
 * activations saved for backward, counted per decoder layer per token from the tensors
-              Qwen2's decoder layer (HF, sdpa) keeps: 10·H + 4·I elements of b bytes (norm inputs
-              and outputs, q after RoPE, repeated k/v, attention output, the MLP's gate, up,
-              silu(gate) and product) + 4·(nh + 2) bytes (fp32 log-sum-exp and RMSNorm rsqrt):
-                  A_layer = B·S·[(10H + 4I)·b + 4(nh + 2)]
+              Qwen2's decoder layer (HF, sdpa) keeps: 6·H + 4·A + 4·I elements of b bytes (norm
+              inputs and outputs, q after RoPE, repeated k/v, attention output, the MLP's gate,
+              up, silu(gate) and product) + 4·(nh + 2) bytes (fp32 log-sum-exp and RMSNorm
+              rsqrt); Qwen3's q/k RMSNorm adds its inputs and outputs, 2·(A + kvH) elements, and
+              an fp32 rsqrt per head, 4·(nh + nkv) bytes:
+                  A_layer = B·S·[(6H + 4A + 4I)·b + 4(nh + 2)]   (A = H without head_dim)
               Stages 2/3 and VLPO run segment by segment over a KV cache: every latent step saves
               the concatenated cache (2·kvH per cached token) and each text segment after latent
-              steps the cache and its GQA repeat (2·kvH + 2·H), bounded by prefix <= S:
-                  A_seg = B·S·b·[2·kvH·n_lat + (2·kvH + 2·H)·n_blocks]
+              steps the cache and its GQA repeat (2·kvH + 2·A), bounded by prefix <= S:
+                  A_seg = B·S·b·[2·kvH·n_lat + (2·kvH + 2·A)·n_blocks]
               With gradient checkpointing each layer keeps its input (H) and its KV cache (2·kvH
               in stages 2/3) and one layer is recomputed at a time:
                   A_ckpt = L·B·S·b·(H + 2·kvH·[segmented]) + A_layer + A_seg/L
@@ -57,7 +60,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass(frozen=True)
 class ModelDims:
-    """The dimensions the formulas need (text decoder + vision tower)."""
+    """The dimensions the formulas need (text decoder + vision tower). `arch` picks the layer
+    layouts whose parameters are counted (`monet_fast.model.arch` model types)."""
 
     hidden: int
     layers: int
@@ -69,33 +73,71 @@ class ModelDims:
     vision_depth: int
     vision_intermediate: int
     tie_embeddings: bool = False
+    head_dim: int | None = None  # None: hidden // heads (Qwen2.5-VL has no head_dim field)
+    arch: str = "qwen2_5_vl"
+    attention_bias: bool = False  # Qwen3-VL: biases on q/k/v/o (Qwen2.5-VL: q/k/v always)
+    vision_patch: int = 14
+    vision_positions: int = 0  # Qwen3-VL: learned ViT position embeddings
+    deepstack_levels: int = 0  # Qwen3-VL: extra mergers, one per DeepStack level
+
+    def __post_init__(self) -> None:
+        if self.arch not in _ARCHS:
+            raise ValueError(f"arch must be one of {list(_ARCHS)}, got {self.arch!r}")
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim if self.head_dim else self.hidden // self.heads
+
+    @property
+    def attn_hidden(self) -> int:
+        """Query / attention-output width, nh·d (= hidden unless head_dim says otherwise)."""
+        return self.heads * self.head_size
 
     @property
     def kv_hidden(self) -> int:
-        return self.hidden * self.kv_heads // self.heads
+        return self.kv_heads * self.head_size
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.arch == "qwen3_vl"
 
     def text_params(self) -> int:
-        h, kv, i = self.hidden, self.kv_hidden, self.intermediate
-        # q/k/v carry biases in Qwen2; o and the MLP do not; two RMSNorm weights per layer.
-        layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h
+        h, a, kv, i = self.hidden, self.attn_hidden, self.kv_hidden, self.intermediate
+        if self.arch == "qwen3_vl":
+            # q/k/v/o biased only with attention_bias; q/k RMSNorm weights of head size.
+            bias = (a + 2 * kv + h) if self.attention_bias else 0
+            attn = h * a + 2 * h * kv + a * h + bias + 2 * self.head_size
+        else:  # q/k/v carry biases in Qwen2; o does not
+            attn = (h * a + a) + 2 * (h * kv + kv) + a * h
+        layer = attn + 3 * h * i + 2 * h  # the MLP has no biases; two RMSNorm weights
         heads = 1 if self.tie_embeddings else 2
         return heads * self.vocab * h + self.layers * layer + h
 
     def vision_params(self) -> int:
-        v, vi, h = self.vision_hidden, self.vision_intermediate, self.hidden
-        patch = 3 * 2 * 14 * 14 * v  # Conv3d (temporal 2, patch 14), no bias
-        block = (3 * v * v + 3 * v) + (v * v + v) + (3 * v * vi + 2 * vi + v) + 2 * v
-        merger = v + (4 * v) * (4 * v) + 4 * v + 4 * v * h + h  # ln_q + 2-layer MLP over 2x2
-        return patch + self.vision_depth * block + merger
+        v, vi, h, p = self.vision_hidden, self.vision_intermediate, self.hidden, self.vision_patch
+        patch = 3 * 2 * p * p * v  # Conv3d over temporal 2 x p x p
+        attn = (3 * v * v + 3 * v) + (v * v + v)
+        fcs = (4 * v) * (4 * v) + 4 * v + 4 * v * h + h  # the merger's MLP over 2x2 patches
+        if self.arch == "qwen3_vl":
+            # LayerNorms, a plain GELU MLP with biases, a biased patch Conv3d, learned positions;
+            # the final merger normalises before the 2x2 shuffle (v), DeepStack's after (4v).
+            block = attn + (2 * v * vi + vi + v) + 4 * v
+            mergers = (2 * v + fcs) + self.deepstack_levels * (8 * v + fcs)
+            return patch + v + self.vision_positions * v + self.vision_depth * block + mergers
+        block = attn + (3 * v * vi + 2 * vi + v) + 2 * v  # gated MLP, RMSNorms
+        return patch + self.vision_depth * block + (v + fcs)
 
     def params(self) -> int:
         return self.text_params() + self.vision_params()
 
     def lora_params(self, r: int) -> int:
-        h, kv, i = self.hidden, self.kv_hidden, self.intermediate
-        per_layer = r * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + i) + (i + h))
+        h, a, kv, i = self.hidden, self.attn_hidden, self.kv_hidden, self.intermediate
+        per_layer = r * ((h + a) + 2 * (h + kv) + (a + h) + 2 * (h + i) + (i + h))
         return self.layers * per_layer
 
+
+# The architectures whose layer layouts text_params / vision_params count (a third needs its own).
+_ARCHS = ("qwen2_5_vl", "qwen3_vl")
 
 QWEN2_5_VL_7B = ModelDims(
     hidden=3584,
@@ -108,6 +150,26 @@ QWEN2_5_VL_7B = ModelDims(
     vision_depth=32,
     vision_intermediate=3420,
 )
+
+# Qwen/Qwen3-VL-8B-Instruct config.json (see GEOMETRIES["qwen3_vl_8b"] in model/tiny.py).
+QWEN3_VL_8B = ModelDims(
+    hidden=4096,
+    layers=36,
+    intermediate=12288,
+    vocab=151936,
+    heads=32,
+    kv_heads=8,
+    vision_hidden=1152,
+    vision_depth=27,
+    vision_intermediate=4304,
+    head_dim=128,
+    arch="qwen3_vl",
+    vision_patch=16,
+    vision_positions=2304,
+    deepstack_levels=3,
+)
+
+PRESETS = {"qwen2_5_vl_7b": QWEN2_5_VL_7B, "qwen3_vl_8b": QWEN3_VL_8B}
 
 
 @dataclass(frozen=True)
@@ -158,7 +220,11 @@ def activation_bytes(m: ModelDims, s: Settings) -> int:
     """Saved-for-backward bytes of the decoder stack (see the module docstring)."""
     b = DTYPE_BYTES[s.dtype]
     tokens = s.micro_batch * s.seq_len
-    per_layer = tokens * ((10 * m.hidden + 4 * m.intermediate) * b + 4 * (m.heads + 2))
+    per_layer = tokens * (
+        (6 * m.hidden + 4 * m.attn_hidden + 4 * m.intermediate) * b + 4 * (m.heads + 2)
+    )
+    if m.qk_norm:
+        per_layer += tokens * (2 * (m.attn_hidden + m.kv_hidden) * b + 4 * (m.heads + m.kv_heads))
     segmented = s.stage != "1"
     seg = 0
     if segmented:
@@ -166,7 +232,7 @@ def activation_bytes(m: ModelDims, s: Settings) -> int:
         seg = (
             tokens
             * b
-            * (2 * m.kv_hidden * n_lat + (2 * m.kv_hidden + 2 * m.hidden) * s.latent_blocks)
+            * (2 * m.kv_hidden * n_lat + (2 * m.kv_hidden + 2 * m.attn_hidden) * s.latent_blocks)
         )
     if not s.checkpointing:
         return m.layers * (per_layer + seg)
@@ -295,10 +361,13 @@ def cheapest(m: ModelDims, s: Settings) -> dict | None:
 
 
 def dims_from_hf(cfg: dict, source: str) -> ModelDims:
-    """ModelDims from a Qwen2.5-VL config.json dict (text fields nested or at the top level)."""
+    """ModelDims from a Qwen2.5-VL or Qwen3-VL config.json dict (text fields nested or at the
+    top level); Qwen3-VL's explicit `head_dim` sets the attention width."""
     text = cfg.get("text_config") or cfg
     vis = cfg.get("vision_config")
+    arch = "qwen3_vl" if str(cfg.get("model_type", "")).startswith("qwen3_vl") else "qwen2_5_vl"
     try:
+        head_dim = text.get("head_dim")
         return ModelDims(
             hidden=int(text["hidden_size"]),
             layers=int(text["num_hidden_layers"]),
@@ -312,24 +381,32 @@ def dims_from_hf(cfg: dict, source: str) -> ModelDims:
             tie_embeddings=bool(
                 cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
             ),
+            head_dim=int(head_dim) if head_dim else None,
+            arch=arch,
+            attention_bias=bool(text.get("attention_bias", False)),
+            vision_patch=int(vis.get("patch_size", 14)),
+            vision_positions=int(vis.get("num_position_embeddings", 0) or 0),
+            deepstack_levels=len(vis.get("deepstack_visual_indexes") or ()),
         )
     except (KeyError, TypeError) as err:
-        raise ValueError(f"{source}: not a Qwen2.5-VL config (missing {err})") from None
+        raise ValueError(f"{source}: not a Qwen2.5-VL / Qwen3-VL config (missing {err})") from None
 
 
 def tiny_dims(**overrides) -> ModelDims:
-    """The built-in tiny model's dimensions (`monet_fast.model.tiny.tiny_config`)."""
+    """The built-in tiny model's dimensions (`monet_fast.model.tiny.tiny_config`; `arch=` as
+    there)."""
     from monet_fast.model.tiny import tiny_config
 
     return dims_from_hf(tiny_config(**overrides).to_dict(), "tiny")
 
 
 def resolve_model(spec: str) -> tuple[ModelDims, dict]:
-    """`--model`: qwen2_5_vl_7b | tiny | a directory with config.json | a train YAML.
+    """`--model`: a preset (qwen2_5_vl_7b | qwen3_vl_8b) | tiny | a directory with config.json |
+    a train YAML.
 
     Returns the dims and the settings the YAML fixes (stage, LoRA, ZeRO, checkpointing, ...)."""
-    if spec == "qwen2_5_vl_7b":
-        return QWEN2_5_VL_7B, {}
+    if spec in PRESETS:
+        return PRESETS[spec], {}
     if spec == "tiny":
         return tiny_dims(), {"dtype": "fp32"}
     path = Path(spec)
@@ -341,8 +418,8 @@ def resolve_model(spec: str) -> tuple[ModelDims, dict]:
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return _from_yaml(path)
     raise ValueError(
-        f"--model {spec!r}: expected qwen2_5_vl_7b, tiny, a directory with config.json or a "
-        f"train config .yaml"
+        f"--model {spec!r}: expected one of {sorted(PRESETS)}, tiny, a directory with "
+        "config.json or a train config .yaml"
     )
 
 
@@ -399,8 +476,10 @@ def _from_yaml(path: Path) -> tuple[ModelDims, dict]:
     if init:
         return resolve_model(init)[0], found
     if cfg.model.tiny_seed is not None and overrides:
-        # No model in the file: the planned model is the one --init will give; assume the 7B.
-        return QWEN2_5_VL_7B, found
+        # No model in the file: the planned model is the one --init will give. Shipped recipes
+        # live under configs/<preset>/ (e.g. configs/qwen3_vl_8b/8x24gb/); else assume the 7B.
+        named = [d.name for d in path.resolve().parents if d.name in PRESETS]
+        return PRESETS[named[0]] if named else QWEN2_5_VL_7B, found
     dims, extra = resolve_model("tiny")
     return dims, {**found, **extra}
 
@@ -470,7 +549,9 @@ def _run(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="predicted peak GPU memory per GPU of a training stage and the cheapest settings that fit")  # fmt: skip
     p.add_argument(
-        "--model", required=True, help="qwen2_5_vl_7b | tiny | HF model dir | train YAML"
+        "--model",
+        required=True,
+        help=f"{' | '.join(sorted(PRESETS))} | tiny | HF model dir | train YAML",
     )
     p.add_argument("--stage", choices=STAGES, default=None)
     p.add_argument("--gpus", default="8x80GB", help="NxSIZEGB (default 8x80GB)")

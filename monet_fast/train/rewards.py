@@ -5,7 +5,7 @@ The reference reward (`RL/examples/reward_function/monet_reward_function.py`, RE
     overall = 0.9 * correct + 0.1 * format,   format = 1 if the response has a \\boxed{...}
 
 Its correctness check asks a Gemini/DeepSeek API whenever the rules say "wrong". Here the rules
-of `monet_fast.eval.scoring` decide by default (multiple-choice letter, `\\boxed{}` content,
+of `monet_fast.tasks.answers` decide by default (multiple-choice letter, `\\boxed{}` content,
 normalised exact match, numeric equality); `OpenAIJudge` can be added for the rule-wrong items
 through any OpenAI-compatible endpoint, and a judge failure keeps the rule verdict (it never
 stops training). The reference's −1 "repetitive" verdict (API only) and its length penalty
@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from monet_fast.data.types import Sample
-from monet_fast.eval import scoring
 from monet_fast.model.tokens import LATENT_END, LATENT_START
+from monet_fast.tasks import answers, scoring
+from monet_fast.tasks.judge import OpenAIJudge
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +105,14 @@ def format_ok(text: str, sample: Sample, rule: str = "boxed") -> bool:
     """Whether a response is well formed under `rule` (see the module docstring)."""
     if rule not in FORMAT_RULES:
         raise ValueError(f"format rule must be one of {list(FORMAT_RULES)}, got {rule!r}")
-    boxed = has_boxed(scoring.clean_prediction(text))
+    boxed = has_boxed(answers.clean_prediction(text))
     if rule == "boxed":
         return boxed
     if not boxed or not latent_blocks_well_formed(text):
         return False
     if sample.choices:
-        return scoring.extract_choice(text, len(sample.choices), sample.choices) is not None
-    return bool(scoring.extract_boxed(scoring.clean_prediction(text)))
+        return answers.extract_choice(text, len(sample.choices), sample.choices) is not None
+    return bool(answers.extract_boxed(answers.clean_prediction(text)))
 
 
 def resolve_reward_fn(spec: str | RewardFn) -> RewardFn:
@@ -140,7 +141,7 @@ class MonetReward:
         format_rule: "boxed" (reference) or "latent_boxed".
         extra: (function or dotted path, weight) pairs added to the reward.
         judge: an `OpenAIJudge` (or any `fn(question, prediction, gold) -> bool` raising
-            `scoring.JudgeError` on failure) asked only when the rules say wrong; None = rules only.
+            `monet_fast.tasks.judge.JudgeError` on failure) asked only when the rules say wrong; None = rules only.
     """
 
     def __init__(
@@ -201,14 +202,14 @@ def build_judge(
     api_key_env: str | None = "OPENAI_API_KEY",
     timeout: float = 30.0,
     retries: int = 2,
-) -> scoring.OpenAIJudge | None:
+) -> OpenAIJudge | None:
     """An `OpenAIJudge` when a base URL is configured, else None (the default: no service)."""
     if not base_url:
         return None
     if not model:
         raise ValueError("reward.judge.base_url is set but reward.judge.model is not")
     try:
-        return scoring.OpenAIJudge(
+        return OpenAIJudge(
             base_url, model, api_key_env=api_key_env, timeout=timeout, retries=retries
         )
     except ValueError as err:  # e.g. a key refused over plain http: name the config section

@@ -14,12 +14,83 @@ holds it). No external service is used unless reward.judge.base_url is set.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the recipe imports DeepSpeed-side modules; the CLI parser stays light
+    from monet_fast.train.vlpo_config import RLConfig
+    from monet_fast.train.vlpo_state import RLResult
 
 
 def _cmd_rl(args: argparse.Namespace) -> int:
-    from monet_fast.train.vlpo import run_from_args
-
     return run_from_args(args)
+
+
+def build_rl_config(
+    config: str | Path | RLConfig | None,
+    overrides: list[str] | None = None,
+    *,
+    output: str | Path | None = None,
+    max_steps: int | None = None,
+    init: str | Path | None = None,
+) -> RLConfig:
+    """Config file + overrides + the CLI's common flags (which win over the file)."""
+    from monet_fast.train.vlpo_config import RLConfig, load_rl_config
+
+    extra = list(overrides or [])
+    if output is not None:
+        extra.append(f"output={output}")
+    if max_steps is not None:
+        extra.append(f"trainer.max_steps={max_steps}")
+    if init is not None:
+        extra.append(f"model.init={init}")
+    if isinstance(config, RLConfig):
+        if extra:
+            raise ValueError("pass overrides with a config path, or edit the RLConfig object")
+        return config.validate()
+    return load_rl_config(config, extra)
+
+
+def rl(
+    config: str | Path | RLConfig | None = None,
+    overrides: list[str] | None = None,
+    *,
+    output: str | Path | None = None,
+    max_steps: int | None = None,
+    resume: str | bool | None = None,
+    init: str | Path | None = None,
+) -> RLResult:
+    """Run VLPO; the Python twin of `monet-fast rl`. resume: True/"latest", a tag or a path."""
+    from monet_fast.train.vlpo import VLPORecipe
+
+    cfg = build_rl_config(config, overrides, output=output, max_steps=max_steps, init=init)
+    if resume is True:
+        resume = "latest"
+    return VLPORecipe(cfg, resume=resume or None).run()
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Execute parsed rl arguments; prints a one-line summary on rank 0."""
+    from monet_fast.train.recipe_base import run_cli
+
+    def summary(result: RLResult) -> str:
+        last = result.rewards[-1] if result.rewards else float("nan")
+        return (
+            f"VLPO ran to step {result.global_step} in {result.seconds:.1f}s; last reward "
+            f"mean {last:.4f}; checkpoint {result.checkpoint}; export {result.export}"
+        )
+
+    return run_cli(
+        lambda: rl(
+            args.config,
+            args.overrides,
+            output=args.output,
+            max_steps=args.max_steps,
+            resume=args.resume_from or args.resume,
+            init=args.init,
+        ),
+        summary,
+    )
 
 
 def add_rl_arguments(p: argparse.ArgumentParser) -> None:

@@ -30,7 +30,8 @@ from typing import Any, ClassVar
 from monet_fast.train import teacher as T
 from monet_fast.train.config import ConfigError, TrainConfig, load_config
 from monet_fast.train.data import apply_image_budget
-from monet_fast.train.loop import SFTRecipe, TrainResult, _barrier, module_main, run_cli
+from monet_fast.train.loop import SFTRecipe, TrainResult, _barrier
+from monet_fast.train.recipe_base import module_main, run_cli
 
 logger = logging.getLogger("monet_fast.train")
 

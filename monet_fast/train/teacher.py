@@ -36,11 +36,11 @@ import torch
 from monet_fast._io import atomic_write_text, temp_sibling
 from monet_fast.data.batching import collate
 from monet_fast.data.types import Sample
+from monet_fast.stage import Stage
 
 logger = logging.getLogger(__name__)
 
 # Student stage -> (teacher sequence stage, which states are the targets).
-TEACHER_STAGE: dict[int, str] = {2: "stage1", 3: "stage2"}
 TARGET_KIND: dict[int, str] = {2: "observation_states", 3: "latent_trajectories"}
 
 CACHE_FORMAT = "monet_fast.teacher_cache"
@@ -153,11 +153,12 @@ def compute_teacher_states(
     """
     from monet_fast.model.latent import latent_forward
 
-    if student_stage not in TEACHER_STAGE:
+    teacher_stage = Stage.of(student_stage).teacher
+    if teacher_stage is None:
         raise ValueError(f"teacher targets exist for stages 2 and 3, got stage {student_stage}")
-    batch = collate(samples, processor, TEACHER_STAGE[student_stage], latent_size)
+    batch = collate(samples, processor, teacher_stage, latent_size)
     out = latent_forward(model, batch, return_states=True)
-    states = out.obs_states if student_stage == 2 else out.slot_states
+    states = out.obs_states if teacher_stage is Stage.STAGE1 else out.slot_states
     if layers is not None:
         states = [s[layers] for s in states]
     return states
@@ -473,7 +474,6 @@ __all__ = [
     "MissingTeacherEntry",
     "OnlineTeacher",
     "TARGET_KIND",
-    "TEACHER_STAGE",
     "TeacherCache",
     "compute_teacher_states",
     "finalize_cache",

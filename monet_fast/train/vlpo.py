@@ -53,40 +53,31 @@ the start, but it then compares the state at p with the input at p, which no pol
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from monet_fast._compat import enable_activation_checkpointing
 from monet_fast.model.tokens import TokenIds
 from monet_fast.train import checkpoint as ckpt
 from monet_fast.train import grpo
-from monet_fast.train.config import (
-    ConfigError,
-)
+from monet_fast.train.config_schema import ConfigError
 from monet_fast.train.data import dataset_fingerprint, epoch_order
-from monet_fast.train.filtering import QUOTA_MET, pool_groups
-from monet_fast.train.loop import (
-    SFTRecipe,
+from monet_fast.train.engine_setup import (
     _all_reduce_sum,
     build_deepspeed_config,
     build_optimizer,
     lr_lambda,
-    module_main,
-    run_cli,
 )
-from monet_fast.train.lora import wrap_policy
-from monet_fast.train.metrics import MetricsLogger
+from monet_fast.train.filtering import QUOTA_MET, pool_groups
+from monet_fast.train.prompts import load_prompts, prepare_prompt
+from monet_fast.train.recipe_base import RecipeBase, module_main
 from monet_fast.train.rewards import MonetReward, build_judge, safe_reward
 from monet_fast.train.rollout import (
     BanTokens,
@@ -95,10 +86,7 @@ from monet_fast.train.rollout import (
     build_replay_batch,
     default_ban_ids,
     generate_rollouts,
-    load_prompts,
-    prepare_prompt,
     step_counts,
-    step_logprobs,
 )
 from monet_fast.train.vlpo_config import (  # noqa: F401 (re-exported: public names)
     KL_TYPES,
@@ -117,6 +105,7 @@ from monet_fast.train.vlpo_config import (  # noqa: F401 (re-exported: public na
     RolloutSection,
     load_rl_config,
 )
+from monet_fast.train.vlpo_eval import evaluate_rewards
 from monet_fast.train.vlpo_metrics import (
     UPDATE_EVENT,
     latent_sums,
@@ -124,182 +113,18 @@ from monet_fast.train.vlpo_metrics import (
     term_stats,
     update_records,
 )
+from monet_fast.train.vlpo_module import StepScores, VLPOTrainModule, score_steps
+from monet_fast.train.vlpo_reference import gathered_parameters, zero3_reference
+from monet_fast.train.vlpo_state import RLMetricsLogger, RLProgress, RLResult, load_rl_checkpoint
 
 logger = logging.getLogger("monet_fast.train")
-
-# --------------------------------------------------------------------------------------------
-# Resume record and logging
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RLProgress(ckpt.TrainingProgress):
-    """TrainingProgress plus RL counters. global_step = RL steps; global_batch_size = prompts
-    per RL step; samples_seen = prompts; tokens_seen = generated tokens (latent steps included)."""
-
-    optimizer_steps: int = 0
-    skipped_steps: int = 0
-
-
-def load_rl_checkpoint(engine: Any, root: str | Path, tag: str) -> RLProgress:
-    """`checkpoint.load_checkpoint` with the RL counters kept (its record type is the base)."""
-    path, client = engine.load_checkpoint(
-        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if path is None or client is None or ckpt._CLIENT_KEY not in client:
-        raise FileNotFoundError(
-            f"checkpoint {Path(root) / tag} could not be loaded or carries no monet_fast "
-            "progress record"
-        )
-    progress = RLProgress.from_state_dict(client[ckpt._CLIENT_KEY])
-    progress.restore_rng()
-    return progress
-
-
-class RLMetricsLogger(MetricsLogger):
-    """The SFT metrics logger with the progress bar showing reward, accuracy and KL."""
-
-    def log(self, step: int, values: dict[str, Any]) -> None:
-        super().log(step, values)
-        if self._bar is not None:
-            keys = (("reward", "reward_mean"), ("acc", "accuracy"), ("keep", "group_keep_rate"))
-            post = {k: f"{values[v]:.3f}" for k, v in keys if values.get(v) is not None}
-            if values.get("kl") is not None:
-                post["kl"] = f"{values['kl']:.2e}"
-            if values.get("skipped"):
-                post["skip"] = values.get("skip_reason", "")
-            self._bar.set_postfix(post, refresh=False)
-
-
-@dataclass
-class RLResult:
-    """What a finished (or stopped) VLPO run produced."""
-
-    output: Path
-    global_step: int
-    rewards: list[float] = field(default_factory=list)  # reward_mean per RL step of this run
-    checkpoint: Path | None = None
-    export: Path | None = None
-    seconds: float = 0.0
-
-
-# --------------------------------------------------------------------------------------------
-# The module DeepSpeed wraps
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StepScores:
-    """Frozen per-step log-probs of one micro-batch (reference model, or the pre-update policy)."""
-
-    token: torch.Tensor
-    latent: torch.Tensor
-
-
-@torch.no_grad()
-def score_steps(
-    model,
-    replay: ReplayBatch,
-    *,
-    temperature: float,
-    sigma: float,
-    ban: BanTokens | None,
-    ce_chunk_size: int = 0,
-) -> StepScores:
-    """Per-step log-probs without gradient: tokens by log-softmax, latents by the fused kernel."""
-    from monet_fast.kernels import gaussian_logprob
-
-    lp = step_logprobs(model, replay, temperature=temperature, ban=ban, ce_chunk_size=ce_chunk_size)
-    z = replay.lat_z.to(lp.mu.device)
-    lat = (
-        gaussian_logprob(z, lp.mu, sigma) if z.numel() else lp.mu.new_zeros(0, dtype=torch.float32)
-    )
-    return StepScores(token=lp.token_logp.float(), latent=lat.float())
-
-
-class VLPOTrainModule(nn.Module):
-    """`engine(replay, old, ref, scale=...)` -> the micro-batch's share of the step objective.
-
-    old: pre-update log-probs (None = this forward's own, detached: ratio exactly 1, the
-    on-policy case of one optimizer step per rollout batch). ref: reference log-probs (None = no
-    KL). scale = world_size / N_steps of the whole optimizer step.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        objective: ObjectiveSection,
-        temperature: float,
-        ban: BanTokens | None,
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.objective = objective
-        self.temperature = temperature
-        self.ban = ban
-        self.clip = grpo.ClipConfig(
-            objective.clip_low, objective.clip_high, objective.clip_ratio_dual
-        )
-
-    def forward(
-        self,
-        replay: ReplayBatch,
-        old: StepScores | None = None,
-        ref: StepScores | None = None,
-        *,
-        scale: float = 1.0,
-    ) -> dict[str, Any]:
-        from monet_fast.kernels import gaussian_logprob
-
-        o = self.objective
-        device = self.model.device
-        lp = step_logprobs(
-            self.model,
-            replay,
-            temperature=self.temperature,
-            ban=self.ban,
-            ce_chunk_size=self.objective.ce_chunk_size,
-        )
-        tok_adv, lat_adv = (a.to(device) for a in replay.advantages())
-        kl_coef = o.kl_coef if ref is not None else 0.0
-        tok = grpo.token_terms(
-            lp.token_logp,
-            old.token.to(device) if old is not None else lp.token_logp.detach(),
-            tok_adv,
-            self.clip,
-            ref.token.to(device) if ref is not None else None,
-            kl_coef,
-        )
-        terms = [tok]
-        objective = tok.loss.sum()
-        if o.latent_term and replay.n_latent_steps:
-            z = replay.lat_z.to(device)
-            old_lat = (
-                old.latent.to(device)
-                if old is not None
-                else gaussian_logprob(z, lp.mu.detach(), o.sigma)
-            )
-            lat = grpo.latent_terms(
-                lp.mu,
-                z,
-                old_lat,
-                lat_adv,
-                self.clip,
-                o.sigma,
-                ref.latent.to(device) if ref is not None else None,
-                kl_coef,
-            )
-            terms.append(lat)
-            objective = objective + lat.loss.sum()
-        return {"objective": objective * scale, "terms": terms}
-
 
 # --------------------------------------------------------------------------------------------
 # The recipe
 # --------------------------------------------------------------------------------------------
 
 
-class VLPORecipe(SFTRecipe):
+class VLPORecipe(RecipeBase):
     """VLPO on DeepSpeed: the policy is a DeepSpeed engine (ZeRO-2 default, ZeRO-3 / offload by
     config), rollouts run through `monet_fast.decode` on the policy's parameters in the same
     processes, the reference model is frozen (a device copy, CPU-offloaded, or a ZeRO-3 shard).
@@ -309,8 +134,9 @@ class VLPORecipe(SFTRecipe):
     latent (Gaussian, fp32 fused kernel) surrogates with dual clip; low-variance KL; online
     difficulty filtering pooled over a bounded number of rollout calls, never crashing; several
     optimizer steps per rollout batch; variable micro-batch counts (caller-owned DeepSpeed
-    accumulation boundary); JSONL metrics (per RL step and per update) + progress bar; atomic checkpoints, exact resume, HF export. Reuses the SFT loop's building blocks
-    (distributed init, DeepSpeed config, optimizer, checkpoints, export, metrics).
+    accumulation boundary); JSONL metrics (per RL step and per update) + progress bar; atomic
+    checkpoints, exact resume, HF export. A sibling of `SFTRecipe` over `recipe_base.RecipeBase`
+    (distributed init, policy model, DeepSpeed engine, checkpoints, resume, export).
 
     Raises (ConfigError, at construction or set-up):
         - no model (neither --init nor model.tiny_seed); bf16 on CPU;
@@ -326,47 +152,18 @@ class VLPORecipe(SFTRecipe):
     """
 
     def __init__(self, cfg: RLConfig, *, resume: str | None = None) -> None:
-        cfg.validate()
-        if cfg.output is None:
-            raise ConfigError("no output directory: pass --output DIR or set output: in the config")
-        self.cfg = cfg
-        self.resume = resume
-        self.forward_fn = None
-        self.output = Path(cfg.output)
-        self.ckpt_root = self.output / ckpt.CHECKPOINT_DIR
-        self.engine = None
+        super().__init__(cfg, resume=resume)
         self.metrics: RLMetricsLogger | None = None
-        self.online_teacher = None
-        self.teacher_cache = None
         self.ref_model = None
         self.ref_engine = None
-        self.peft_model = None  # the PeftModel wrapper of self.model with model.lora
 
     # ---- set-up -----------------------------------------------------------------------------
 
-    def setup_common(self, *, check_checkpoints: bool = True) -> None:
-        from monet_fast.train.loop import seed_everything, setup_distributed
-
+    def setup_common(self) -> None:
+        """Distributed init, seeds, run directory, prompts, step counts."""
         cfg = self.cfg
-        self.dist = setup_distributed()
-        self.rank, self.world = self.dist.rank, self.dist.world_size
-        self.device = self.dist.device
-        seed_everything(cfg.seed)
-        if cfg.model.precision == "auto":
-            self.bf16 = self.device.type == "cuda"
-        else:
-            self.bf16 = cfg.model.precision == "bf16"
-        self.dtype = torch.bfloat16 if self.bf16 else torch.float32
-        if (
-            ckpt.latest_tag(self.ckpt_root) is not None
-            and self.resume is None
-            and check_checkpoints
-        ):
-            raise ConfigError(
-                f"{self.output} already holds checkpoints (latest: "
-                f"{ckpt.latest_tag(self.ckpt_root)}); pass --resume to continue that run or "
-                "choose another --output"
-            )
+        self.setup_runtime()
+        self.refuse_existing_checkpoints()
         r = cfg.rollout
         if r.prompts_per_step % self.world:
             raise ConfigError(
@@ -374,14 +171,9 @@ class VLPORecipe(SFTRecipe):
                 f"of ranks ({self.world}): each rank rolls out whole groups"
             )
         self.local_prompts = r.prompts_per_step // self.world
-        if self.rank == 0:
-            self.output.mkdir(parents=True, exist_ok=True)
-            (self.output / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
+        self.write_run_files()
         self.samples, self.data_report = load_prompts(cfg.data)
-        if self.rank == 0:
-            (self.output / "data_report.json").write_text(
-                json.dumps(self.data_report.to_dict(), indent=2), encoding="utf-8"
-            )
+        self.write_data_report()
         self.steps_per_epoch = len(self.samples) // r.prompts_per_step
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -422,27 +214,23 @@ class VLPORecipe(SFTRecipe):
         cfg = self.cfg
         t0 = time.perf_counter()
         init = self._resolve_init(cfg.model.init)
-        self.init_path = init  # the model trained from (QLoRA export reloads it)
-        self.model, self.processor = self.load_model(init, cfg.model.quantize)
-        if cfg.model.freeze_vision:
-            self.model.model.visual.requires_grad_(False)
-        # LoRA: adapters injected into self.model (which stays the plain model); only they train.
-        self.peft_model = wrap_policy(self.model, cfg.model)
-        if cfg.model.gradient_checkpointing:
-            # The replay's latent_forward checkpoints cache-safely when this flag is set.
-            enable_activation_checkpointing(self.model, use_reentrant=False)
-        self.model.train()
+        # With model.gradient_checkpointing the replay's latent_forward checkpoints cache-safely.
+        self.prepare_policy(init)
         self.latent_size = cfg.model.latent_size
         self.latent_layout = cfg.rollout.latent_layout
         if self.latent_layout != "sft":
             # The exported model decodes in the layout it was trained on (saved config field).
-            from monet_fast.model.config import LatentConfig, apply_latent_config
+            from monet_fast.model.config import (
+                LatentConfig,
+                apply_latent_config,
+                get_latent_config,
+            )
 
             apply_latent_config(
                 self.model,
                 LatentConfig.from_tokenizer(
                     self.processor.tokenizer, self.latent_size, self.latent_layout
-                ),
+                ).replace(feedback_norm=get_latent_config(self.model).feedback_norm),
             )
         self.ban = BanTokens(default_ban_ids(self.processor.tokenizer))
         self.token_ids = TokenIds.from_tokenizer(self.processor.tokenizer)
@@ -506,10 +294,6 @@ class VLPORecipe(SFTRecipe):
             setup_s=time.perf_counter() - t0,
         )
 
-    def load_model(self, path: str | None, quantize: str | None = None) -> tuple[nn.Module, Any]:
-        # Reuses the SFT loader (it reads model.* and the resolved device / dtype only).
-        return SFTRecipe.load_model(self, path, quantize)
-
     def setup_reference(self, init: str | None) -> None:
         """The frozen reference model for the KL term (None with ref.mode none)."""
         mode = self.cfg.ref.mode
@@ -528,25 +312,9 @@ class VLPORecipe(SFTRecipe):
         elif mode == "offload":
             self.ref_model = ref.to("cpu")
         else:
-            from monet_fast._optional import require
-
-            deepspeed = require("deepspeed", "VLPO training")
-
-            zero = {"stage": 3}
-            if self.cfg.ref.offload_param:
-                zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-            ds = {
-                "train_micro_batch_size_per_gpu": 1,
-                "gradient_accumulation_steps": 1,
-                "train_batch_size": self.world,
-                "zero_optimization": zero,
-                "bf16": {"enabled": self.bf16},
-                "steps_per_print": 10**9,
-            }
-            self.ref_engine, *_ = deepspeed.initialize(
-                model=ref, config=ds, dist_init_required=False
+            self.ref_engine = zero3_reference(
+                ref, self.world, self.bf16, self.cfg.ref.offload_param
             )
-            self.ref_engine.eval()
             self.ref_model = self.ref_engine.module
 
     @contextmanager
@@ -567,33 +335,9 @@ class VLPORecipe(SFTRecipe):
         else:
             yield self.ref_model
 
-    @contextmanager
     def _gathered(self):
-        """Full parameters for decoding (ZeRO-3): gathered, with DeepSpeed's module hooks lifted.
-
-        The decoder reads weights directly (embedding table, captured graphs) and ZeRO-3's
-        post-forward hooks would re-partition a gathered parameter mid-decode, so the hooks are
-        removed for the rollout and registered again afterwards (what TRL does for generation).
-        Costs a full copy of the weights per rank while decoding.
-        """
-        if self.zero_stage != 3:
-            yield
-            return
-        from monet_fast._optional import require
-
-        deepspeed = require("deepspeed", "VLPO training")
-
-        offload = getattr(self.engine.optimizer, "parameter_offload", self.engine.optimizer)
-        with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
-            for p in offload.module.parameters():
-                p.ds_active_sub_modules.clear()
-            for hook in [*offload.forward_hooks, *offload.backward_hooks]:
-                hook.remove()
-            offload.forward_hooks, offload.backward_hooks = [], []
-            try:
-                yield
-            finally:
-                offload._register_deepspeed_module(offload.module)
+        """Full parameters for decoding under ZeRO-3 (`vlpo_reference.gathered_parameters`)."""
+        return gathered_parameters(self.engine, self.model, self.zero_stage)
 
     # ---- one RL step ------------------------------------------------------------------------
 
@@ -911,134 +655,14 @@ class VLPORecipe(SFTRecipe):
         self.ref_model = None
 
 
-def evaluate_rewards(
-    model,
-    processor,
-    samples: list,
-    reward_fn: MonetReward,
-    *,
-    samples_per_prompt: int = 1,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    max_new_tokens: int = 256,
-    latent_size: int | None = None,
-    latent_layout: str | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
-    ban: BanTokens | None = None,
-    use_cuda_graphs: bool = True,
-) -> dict[str, float]:
-    """Rewards of the model on prompts: greedy (temperature 0) or sampled; sums and counts. A
-    response whose reward raises counts as reward 0, wrong, and in `failures` (logged)."""
-    from monet_fast.decode import generate
-    from monet_fast.model.config import get_latent_config
-    from monet_fast.train.rewards import RolloutInfo
-    from monet_fast.train.rollout import prompt_input
-
-    k = latent_size or get_latent_config(model).latent_size
-    jobs = [s for s in samples for _ in range(samples_per_prompt)]
-    out = {"n": 0.0, "reward_sum": 0.0, "correct_sum": 0.0, "format_sum": 0.0, "failures": 0.0}
-    was_training = model.training
-    model.eval()
-    try:
-        for c in range(math.ceil(len(jobs) / batch_size)):
-            chunk = jobs[c * batch_size : (c + 1) * batch_size]
-            sampling = temperature > 0
-            gen = generate(
-                model,
-                processor,
-                [prompt_input(s) for s in chunk],
-                max_new_tokens=max_new_tokens,
-                latent_size=k,
-                latent_layout=latent_layout or get_latent_config(model).latent_layout,
-                do_sample=sampling,
-                temperature=temperature if sampling else 1.0,
-                top_p=top_p if sampling else 1.0,
-                seed=seed + c,
-                use_cuda_graphs=use_cuda_graphs,
-                logits_processor=ban,
-            )
-            for s, text, ids, why in zip(chunk, gen.texts, gen.sequences, gen.finish_reasons):
-                res = safe_reward(reward_fn, text, s, RolloutInfo(int(ids.numel()), 0, why))
-                out["n"] += 1
-                out["reward_sum"] += res.reward
-                out["correct_sum"] += float(res.correct)
-                out["format_sum"] += float(res.format_ok)
-                out["failures"] += float(res.error is not None)  # counted as reward 0
-    finally:
-        model.train(was_training)
-    return out
-
-
 # --------------------------------------------------------------------------------------------
-# Python and command-line entry points
+# `python -m monet_fast.train.vlpo` (what torchrun / deepspeed launch); `rl()` and the
+# `monet-fast rl` command live in rl_cli.py
 # --------------------------------------------------------------------------------------------
-
-
-def build_rl_config(
-    config: str | Path | RLConfig | None,
-    overrides: list[str] | None = None,
-    *,
-    output: str | Path | None = None,
-    max_steps: int | None = None,
-    init: str | Path | None = None,
-) -> RLConfig:
-    """Config file + overrides + the CLI's common flags (which win over the file)."""
-    extra = list(overrides or [])
-    if output is not None:
-        extra.append(f"output={output}")
-    if max_steps is not None:
-        extra.append(f"trainer.max_steps={max_steps}")
-    if init is not None:
-        extra.append(f"model.init={init}")
-    if isinstance(config, RLConfig):
-        if extra:
-            raise ValueError("pass overrides with a config path, or edit the RLConfig object")
-        return config.validate()
-    return load_rl_config(config, extra)
-
-
-def rl(
-    config: str | Path | RLConfig | None = None,
-    overrides: list[str] | None = None,
-    *,
-    output: str | Path | None = None,
-    max_steps: int | None = None,
-    resume: str | bool | None = None,
-    init: str | Path | None = None,
-) -> RLResult:
-    """Run VLPO; the Python twin of `monet-fast rl`. resume: True/"latest", a tag or a path."""
-    cfg = build_rl_config(config, overrides, output=output, max_steps=max_steps, init=init)
-    if resume is True:
-        resume = "latest"
-    return VLPORecipe(cfg, resume=resume or None).run()
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Execute parsed rl arguments; prints a one-line summary on rank 0."""
-
-    def summary(result: RLResult) -> str:
-        last = result.rewards[-1] if result.rewards else float("nan")
-        return (
-            f"VLPO ran to step {result.global_step} in {result.seconds:.1f}s; last reward "
-            f"mean {last:.4f}; checkpoint {result.checkpoint}; export {result.export}"
-        )
-
-    return run_cli(
-        lambda: rl(
-            args.config,
-            args.overrides,
-            output=args.output,
-            max_steps=args.max_steps,
-            resume=args.resume_from or args.resume,
-            init=args.init,
-        ),
-        summary,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    from monet_fast.train.rl_cli import add_rl_arguments
+    from monet_fast.train.rl_cli import add_rl_arguments, run_from_args
 
     return module_main(
         argv,
@@ -1066,10 +690,8 @@ __all__ = [
     "RolloutSection",
     "VLPORecipe",
     "VLPOTrainModule",
-    "build_rl_config",
     "evaluate_rewards",
     "load_rl_config",
     "main",
-    "rl",
     "score_steps",
 ]

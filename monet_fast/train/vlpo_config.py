@@ -1,15 +1,13 @@
 """VLPO configuration: the typed sections of `configs/*/vlpo.yaml`, their validation and
-`load_rl_config` (shared sections come from `monet_fast.train.config`)."""
+`load_rl_config`. The sections SFT shares (model, data basics, optim, scheduler, trainer basics,
+deepspeed, logging) and their validation come from `monet_fast.train.config_schema`."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from monet_fast.train.config import (
+from monet_fast.train.config_schema import (
     ConfigError,
     DataSection,
     DeepSpeedSection,
@@ -18,13 +16,11 @@ from monet_fast.train.config import (
     OptimSection,
     RunConfig,
     SchedulerSection,
-    _build,
+    TrainerBasics,
     _one_of,
     _positive,
     _validate_data,
-    apply_overrides,
-    read_yaml_config,
-    validate_adapters,
+    load_run_config,
 )
 from monet_fast.train.rewards import FORMAT_RULES
 from monet_fast.train.rollout import (
@@ -139,17 +135,11 @@ class RefSection:
 
 
 @dataclass
-class RLTrainerSection:
-    max_steps: int | None = None  # RL steps (rollout batches); None = epochs over the prompts
-    epochs: int = 1
-    mini_batch_prompts: int = 16  # prompt groups per optimizer step (reference 16)
+class RLTrainerSection(TrainerBasics):
+    """VLPO: steps are RL steps (rollout batches); max_steps None = epochs over the prompts."""
+
     micro_batch_size: int = 2  # sequences per forward per rank
-    log_every: int = 1
-    save_every: int = 0  # RL steps between checkpoints; 0 = final checkpoint only
-    keep_last: int = 2
-    shared_filesystem: bool = True  # false: each node keeps its own checkpoint copy (local disks)
-    export: bool = True
-    shuffle: bool = True
+    mini_batch_prompts: int = 16  # prompt groups per optimizer step (reference 16)
 
 
 @dataclass
@@ -185,17 +175,8 @@ class RLConfig(RunConfig):
     logging: LoggingSection = field(default_factory=LoggingSection)
     source: str | None = None
 
-    def resolved_deepspeed_json(self) -> Path | None:
-        if self.deepspeed.config is None:
-            return None
-        p = Path(self.deepspeed.config)
-        if not p.is_absolute() and self.source is not None:
-            p = Path(self.source).parent / p
-        return p
-
-    def validate(self) -> RLConfig:
+    def _validate_recipe(self) -> None:
         _validate_rl(self)
-        return self
 
 
 def _validate_rl_data(d: RLDataSection, key: str) -> None:
@@ -219,17 +200,8 @@ def _validate_rl_data(d: RLDataSection, key: str) -> None:
 
 
 def _validate_rl(cfg: RLConfig) -> None:
+    """What only VLPO has (the shared sections are checked by `validate_common`)."""
     m = cfg.model
-    _one_of("model.precision", m.precision, ("auto", "bf16", "fp32"))
-    if m.latent_size < 1:
-        raise ConfigError(f"model.latent_size must be >= 1, got {m.latent_size}")
-    if m.init is None and m.tiny_seed is None:
-        raise ConfigError(
-            "no model: pass --init DIR (the SFT model), or set model.tiny_seed for the tiny model"
-        )
-    if m.precision == "bf16" and not torch.cuda.is_available():
-        raise ConfigError("model.precision bf16 needs a CUDA GPU; CPU runs in fp32")
-    validate_adapters(m)
     if (
         m.lora is not None
         and cfg.ref.mode != "none"
@@ -297,20 +269,9 @@ def _validate_rl(cfg: RLConfig) -> None:
     if cfg.ref.offload_param and cfg.ref.mode != "zero3":
         raise ConfigError("ref.offload_param needs ref.mode zero3")
 
-    _one_of("optim.name", cfg.optim.name, ("adamw", "sgd"))
-    _positive("optim.lr", cfg.optim.lr)
-    _positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
-    _one_of("scheduler.name", cfg.scheduler.name, ("linear", "cosine", "constant"))
-    _positive("scheduler.warmup_steps", cfg.scheduler.warmup_steps, allow_zero=True)
-
-    t = cfg.trainer
-    for name in ("epochs", "mini_batch_prompts", "micro_batch_size", "log_every", "max_steps"):
-        _positive(f"trainer.{name}", getattr(t, name))
-    _positive("trainer.save_every", t.save_every, allow_zero=True)
-    _positive("trainer.keep_last", t.keep_last)
+    _positive("trainer.mini_batch_prompts", cfg.trainer.mini_batch_prompts)
 
     ev = cfg.eval
-    _positive("eval.every", ev.every, allow_zero=True)
     _positive("eval.samples_per_prompt", ev.samples_per_prompt)
     _positive("eval.temperature", ev.temperature, allow_zero=True)
     _positive("eval.max_new_tokens", ev.max_new_tokens)
@@ -319,20 +280,7 @@ def _validate_rl(cfg: RLConfig) -> None:
     if ev.data is not None:
         _validate_rl_data(ev.data, "eval.data")
 
-    ds = cfg.deepspeed
-    if ds.zero_stage is not None:
-        _one_of("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2, 3))
-    p = cfg.resolved_deepspeed_json()
-    if p is not None and not os.path.isfile(p):  # False, not OSError, for a name too long
-        raise ConfigError(f"deepspeed.config {str(p)!r} does not exist")
-
 
 def load_rl_config(path: str | Path | None, overrides: list[str] | None = None) -> RLConfig:
     """Read a VLPO YAML config, apply `key=value` overrides, validate (ConfigError names the file)."""
-    values, source = read_yaml_config(path)
-    try:
-        cfg = _build(RLConfig, apply_overrides(values, list(overrides or [])))
-        cfg.source = source
-        return cfg.validate()
-    except ConfigError as err:
-        raise err.in_file(source) from None
+    return load_run_config(RLConfig, path, overrides)

@@ -1,0 +1,70 @@
+"""Held-out reward evaluation of a policy (VLPO's `eval` section, and usable on any model)."""
+
+from __future__ import annotations
+
+import math
+
+from monet_fast.train.rewards import MonetReward, safe_reward
+from monet_fast.train.rollout import BanTokens
+
+
+def evaluate_rewards(
+    model,
+    processor,
+    samples: list,
+    reward_fn: MonetReward,
+    *,
+    samples_per_prompt: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    latent_size: int | None = None,
+    latent_layout: str | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    ban: BanTokens | None = None,
+    use_cuda_graphs: bool = True,
+) -> dict[str, float]:
+    """Rewards of the model on prompts: greedy (temperature 0) or sampled; sums and counts. A
+    response whose reward raises counts as reward 0, wrong, and in `failures` (logged)."""
+    from monet_fast.decode import generate
+    from monet_fast.model.config import get_latent_config
+    from monet_fast.train.rewards import RolloutInfo
+    from monet_fast.train.rollout import prompt_input
+
+    k = latent_size or get_latent_config(model).latent_size
+    jobs = [s for s in samples for _ in range(samples_per_prompt)]
+    out = {"n": 0.0, "reward_sum": 0.0, "correct_sum": 0.0, "format_sum": 0.0, "failures": 0.0}
+    was_training = model.training
+    model.eval()
+    try:
+        for c in range(math.ceil(len(jobs) / batch_size)):
+            chunk = jobs[c * batch_size : (c + 1) * batch_size]
+            sampling = temperature > 0
+            gen = generate(
+                model,
+                processor,
+                [prompt_input(s) for s in chunk],
+                max_new_tokens=max_new_tokens,
+                latent_size=k,
+                latent_layout=latent_layout or get_latent_config(model).latent_layout,
+                do_sample=sampling,
+                temperature=temperature if sampling else 1.0,
+                top_p=top_p if sampling else 1.0,
+                seed=seed + c,
+                use_cuda_graphs=use_cuda_graphs,
+                logits_processor=ban,
+            )
+            for s, text, ids, why in zip(chunk, gen.texts, gen.sequences, gen.finish_reasons):
+                res = safe_reward(reward_fn, text, s, RolloutInfo(int(ids.numel()), 0, why))
+                out["n"] += 1
+                out["reward_sum"] += res.reward
+                out["correct_sum"] += float(res.correct)
+                out["format_sum"] += float(res.format_ok)
+                out["failures"] += float(res.error is not None)  # counted as reward 0
+    finally:
+        model.train(was_training)
+    return out
+
+
+__all__ = ["evaluate_rewards"]
