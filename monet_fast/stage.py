@@ -41,6 +41,16 @@ class Stage(str, Enum):
             ) from None
 
     @classmethod
+    def expect(cls, value: object, where: str) -> Stage:
+        """`value` itself when it is a `Stage`; TypeError otherwise. Inside the package stages
+        travel as `Stage`: numbers and names are parsed once, at the config / CLI boundary."""
+        if not isinstance(value, cls):
+            raise TypeError(
+                f"{where} takes a Stage (parse config / CLI values with Stage.of), got {value!r}"
+            )
+        return value
+
+    @classmethod
     def training(cls) -> tuple[Stage, ...]:
         """The SFT stages, in training order."""
         return (cls.STAGE1, cls.STAGE2, cls.STAGE3)

@@ -121,7 +121,7 @@ def test_a_failed_reward_drops_its_group_and_is_counted():
 
 
 def test_held_out_reward_evaluation_counts_a_failure_as_reward_zero():
-    from monet_fast.train.vlpo import evaluate_rewards
+    from monet_fast.train.vlpo_eval import evaluate_rewards
 
     model, processor = tiny_model(seed=0, latent_size=3)
     samples = make_samples(3, seed=7)

@@ -34,7 +34,7 @@ from monet_fast.model.tokens import LATENT_PLACEHOLDER as PH
 from monet_fast.model.tokens import OBS_END, OBS_START
 from monet_fast.train.config import ConfigError, load_config
 from monet_fast.train.prompts import read_prompt_file
-from monet_fast.train.vlpo import load_rl_config
+from monet_fast.train.vlpo_config import load_rl_config
 
 N_CASES = int(os.environ.get("MONET_FUZZ_N", "1000"))
 SEED = int(os.environ.get("MONET_FUZZ_SEED", "0"))

@@ -107,7 +107,8 @@ def _vlpo_update_grads(ce_chunk_size: int = 0, checkpoint: bool = False):
     """Gradients of one VLPO micro-batch objective on hand-made rollouts (tiny model)."""
     from monet_fast.model.tokens import TokenIds
     from monet_fast.train.rollout import BanTokens, build_replay_batch, default_ban_ids
-    from monet_fast.train.vlpo import ObjectiveSection, VLPOTrainModule
+    from monet_fast.train.vlpo_config import ObjectiveSection
+    from monet_fast.train.vlpo_module import VLPOTrainModule
     from tests.test_vlpo import K as VK
     from tests.test_vlpo import _manual_rollout, _tiny
 

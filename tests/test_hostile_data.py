@@ -341,7 +341,7 @@ def test_config_errors_name_file_and_key(tmp_path, text, overrides, fragment):
 
 
 def test_rl_config_errors_name_file_and_key(tmp_path):
-    from monet_fast.train.vlpo import load_rl_config
+    from monet_fast.train.vlpo_config import load_rl_config
 
     path = tmp_path / "rl.yaml"
     path.write_text("model: {tiny_seed: 0}\nrollout: {temperature: .inf}\n")

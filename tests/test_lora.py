@@ -172,7 +172,7 @@ def test_config_keys_and_refusals(monkeypatch):
 
 
 def test_vlpo_config_refuses_a_reference_copy_with_lora():
-    from monet_fast.train.vlpo import load_rl_config
+    from monet_fast.train.vlpo_config import load_rl_config
 
     cfg = load_rl_config(TINY / "vlpo.yaml", ["model.lora.r=4"]).validate()
     assert cfg.model.lora.r == 4
@@ -267,7 +267,7 @@ def _vlpo_recipe(tmp_path):
 @pytest.mark.slow  # ~9 s on 2 busy cores: a VLPO recipe set-up with LoRA (DeepSpeed engine)
 def test_vlpo_reference_is_the_base_with_adapters_disabled(tmp_path):
     from monet_fast.train.rollout import build_replay_batch, generate_rollouts
-    from monet_fast.train.vlpo import score_steps
+    from monet_fast.train.vlpo_module import score_steps
 
     recipe = _vlpo_recipe(tmp_path)
     try:

@@ -29,7 +29,7 @@ from monet_fast.train.plan import (
     resolve_model,
     tiny_dims,
 )
-from monet_fast.train.vlpo import load_rl_config
+from monet_fast.train.vlpo_config import load_rl_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

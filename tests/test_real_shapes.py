@@ -317,7 +317,8 @@ def test_one_vlpo_update(real):
         default_ban_ids,
         generate_rollouts,
     )
-    from monet_fast.train.vlpo import ObjectiveSection, VLPOTrainModule
+    from monet_fast.train.vlpo_config import ObjectiveSection
+    from monet_fast.train.vlpo_module import VLPOTrainModule
 
     model, processor = real
     tid = TokenIds.from_tokenizer(processor.tokenizer)

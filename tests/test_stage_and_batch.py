@@ -85,3 +85,21 @@ def test_pin_memory_pins_every_tensor(batch):
     for name, value in vars(pinned).items():
         if isinstance(value, torch.Tensor):
             assert value.is_pinned(), name
+
+
+def test_collator_and_teacher_take_a_stage_not_a_number():
+    # Numbers are parsed at the config / CLI boundary (TrainConfig.student_stage); inside, a
+    # bare 2 would silently mean whatever each callee guessed.
+    from monet_fast.train import teacher as T
+    from monet_fast.train.data import SFTCollator
+
+    processor = tiny_processor()
+    with pytest.raises(TypeError, match=r"SFTCollator\(student_stage\) takes a Stage.*got 2"):
+        SFTCollator(processor, 2, 4, 1.0)
+    assert SFTCollator(processor, Stage.STAGE2, 4, 1.0).student_stage is Stage.STAGE2
+    with pytest.raises(TypeError, match=r"compute_teacher_states.*got 'stage2'"):
+        T.compute_teacher_states(None, processor, [], "stage2", 4)
+    with pytest.raises(TypeError, match=r"OnlineTeacher\(student_stage\).*got 3"):
+        T.OnlineTeacher(torch.nn.Linear(1, 1), processor, 3, 4)
+    header = T.CacheHeader(2, "observation_states", "t", None, 3, 8, "float32", 4)
+    assert header.stage is Stage.STAGE2  # the cache file stores the number

@@ -71,7 +71,7 @@ def test_qwen3_vl_8b_recipes_mirror_the_7b(name):
     """configs/qwen3_vl_8b/ loads and validates, and equals the 7B recipe field for field (the
     reference's hyper-parameters; no 8B reference exists), except where the 8B's size needs it:
     chunked CE in the 8 x 24 GB VLPO (24.2 GiB predicted with full logits)."""
-    from monet_fast.train.vlpo import load_rl_config
+    from monet_fast.train.vlpo_config import load_rl_config
 
     load = load_rl_config if name.endswith("vlpo.yaml") else load_config
     teacher = ["teacher.model=/t"] if "stage2" in name or "stage3" in name else []

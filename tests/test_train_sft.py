@@ -15,6 +15,7 @@ import torch
 
 from monet_fast.data import collate, make_samples, write_synthetic_dataset
 from monet_fast.data.reader import DataError
+from monet_fast.stage import Stage
 from monet_fast.train import teacher as T
 from monet_fast.train.checkpoint import list_checkpoints
 from monet_fast.train.config import ConfigError, DataSection
@@ -165,7 +166,7 @@ def test_accumulation_split_and_plain_torch_give_the_same_update(tmp_path):
     model.model.visual.requires_grad_(False)
     model.train()
     samples = make_samples(4, 0)
-    teacher = T.OnlineTeacher(tiny_model(0, latent_size=4)[0], processor, 2, 4)(samples)
+    teacher = T.OnlineTeacher(tiny_model(0, latent_size=4)[0], processor, Stage.STAGE2, 4)(samples)
     out = latent_forward(model, collate(samples, processor, "stage2", 4), teacher=teacher)
     out.loss.backward()
     with torch.no_grad():

@@ -13,6 +13,7 @@ from monet_fast.data import collate, make_samples
 from monet_fast.model import latent_forward
 from monet_fast.model.losses import alignment_per_sample
 from monet_fast.model.tiny import tiny_model
+from monet_fast.stage import Stage
 from monet_fast.train import teacher as T
 
 K = 4
@@ -73,7 +74,7 @@ def test_fp32_cache_equals_online_targets(tmp_path, tiny, samples, stage):
     _, report = _build(tmp_path, model, processor, samples, stage)
     assert (report.shards_total, report.shards_computed) == (3, 3)
     cache = T.TeacherCache(tmp_path, expect=_header(model, stage))
-    online = T.OnlineTeacher(model, processor, stage, K)
+    online = T.OnlineTeacher(model, processor, Stage.of(stage), K)
     for i in range(0, 4, 2):  # the precompute's batches (batch_size=2): bit-identical
         for got, want in zip(cache(samples[i : i + 2]), online(samples[i : i + 2])):
             assert torch.equal(got, want)
@@ -90,7 +91,7 @@ def test_bf16_cache_and_layer_subset(tmp_path, tiny, samples):
     _build(tmp_path, model, processor, samples, 2, layers=[0, 2], dtype="bfloat16")
     cache = T.TeacherCache(tmp_path)
     assert cache.header.layers == [0, 2]
-    want = T.compute_teacher_states(model, processor, samples[:2], 2, K)
+    want = T.compute_teacher_states(model, processor, samples[:2], Stage.STAGE2, K)
     for got, full in zip(cache(samples[:2]), want):
         assert got.dtype == torch.bfloat16 and got.shape[0] == 2
         # bf16 keeps 8 mantissa bits: relative error ~2^-9 per element.

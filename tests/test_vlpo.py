@@ -398,7 +398,7 @@ def test_prompt_files_and_prompt_preparation(tmp_path):
     import json
 
     from monet_fast.train.prompts import load_prompts, prepare_prompt
-    from monet_fast.train.vlpo import RLDataSection
+    from monet_fast.train.vlpo_config import RLDataSection
 
     img = make_samples(1, 0)[0].question_images[0]
     img.save(tmp_path / "a.png")

@@ -122,7 +122,7 @@ def test_several_updates_per_rollout_batch_start_on_policy(sft_model):
         default_ban_ids,
         generate_rollouts,
     )
-    from monet_fast.train.vlpo import ObjectiveSection
+    from monet_fast.train.vlpo_config import ObjectiveSection
 
     model, processor = load_pretrained(sft_model)
     ref, _ = load_pretrained(sft_model)

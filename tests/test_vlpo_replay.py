@@ -251,7 +251,8 @@ def test_sft_batch_checks_still_refuse_short_blocks():
 def test_vlpo_updates_run_on_monet_vllm_rollouts():
     """Two updates on one monet_vllm rollout batch: the first is on-policy (ratio 1, latent
     logp 0), the second sees moved latent means (ratio != 1) and its latent term has a gradient."""
-    from monet_fast.train.vlpo import ObjectiveSection, VLPOTrainModule, score_steps
+    from monet_fast.train.vlpo_config import ObjectiveSection
+    from monet_fast.train.vlpo_module import VLPOTrainModule, score_steps
 
     base, processor = _tiny()
     model = copy.deepcopy(base).train()
@@ -287,7 +288,7 @@ def test_rl_config_key_names_the_allowed_layouts():
     from pathlib import Path
 
     from monet_fast.train.config import ConfigError
-    from monet_fast.train.vlpo import load_rl_config
+    from monet_fast.train.vlpo_config import load_rl_config
 
     config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "vlpo.yaml"
     assert load_rl_config(config).rollout.latent_layout == "sft"
@@ -318,6 +319,7 @@ def test_the_recipe_trains_on_monet_vllm_rollouts(tmp_path, monkeypatch):
     from monet_fast.model.loading import load_pretrained
     from monet_fast.train import vlpo
     from monet_fast.train.metrics import read_metrics
+    from monet_fast.train.rl_cli import rl
 
     real, seen = vlpo.generate_rollouts, []
 
@@ -343,7 +345,7 @@ def test_the_recipe_trains_on_monet_vllm_rollouts(tmp_path, monkeypatch):
         "ref.mode=none",
         "vlpo.kl_coef=0",
     ]
-    result = vlpo.rl(config, overrides, output=tmp_path / "run", max_steps=1)
+    result = rl(config, overrides, output=tmp_path / "run", max_steps=1)
     (m,) = read_metrics(tmp_path / "run")
     assert m["skipped"] == 0 and m["updates"] == 2 and result.global_step == 1
     assert seen and all(r.latent_layout == "monet_vllm" for r in seen)

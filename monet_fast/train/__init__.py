@@ -30,8 +30,8 @@ _LAZY = {
     "read_metrics": "monet_fast.train.metrics",
     "rl": "monet_fast.train.rl_cli",
     "VLPORecipe": "monet_fast.train.vlpo",
-    "RLConfig": "monet_fast.train.vlpo",
-    "load_rl_config": "monet_fast.train.vlpo",
+    "RLConfig": "monet_fast.train.vlpo_config",
+    "load_rl_config": "monet_fast.train.vlpo_config",
     "MonetReward": "monet_fast.train.rewards",
 }
 

@@ -45,6 +45,21 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python -m monet_fast.train.sft` (what torchrun / deepspeed launch): the `train` arguments."""
+    from monet_fast.train.recipe_base import module_main
+    from monet_fast.train.sft import run_from_args
+
+    return module_main(
+        argv,
+        prog="python -m monet_fast.train.sft",
+        command="train",
+        description=__doc__,
+        add_arguments=add_train_arguments,
+        run_from_args=run_from_args,
+    )
+
+
 def register(subparsers) -> None:
     """Add `train` to the `monet-fast` command line (imports nothing heavy)."""
     p = subparsers.add_parser(

@@ -66,6 +66,9 @@ class ModelSection:
 
     init: str | None = None  # model directory (`--init`); None = the tiny model (tiny_seed)
     tiny_seed: int | None = None  # build `tiny_model(seed)` when init is None (tiny configs)
+    # The architecture that tiny model is built for (a `monet_fast.model.arch` model_type:
+    # qwen2_5_vl | qwen3_vl); ignored when the model comes from init.
+    tiny_arch: str = "qwen2_5_vl"
     latent_size: int = 8  # K latent slots per auxiliary image; exported in config.json
     # none | match_embeddings: rescale each fed-back latent to the mean input-embedding norm
     # (monet_fast.model.feedback); exported in config.json. None = keep the init model's.
@@ -435,6 +438,9 @@ def validate_model(m: ModelSection) -> None:
         raise ConfigError(f"model.latent_size must be >= 1, got {m.latent_size}")
     if m.feedback_norm is not None:
         _one_of("model.feedback_norm", m.feedback_norm, FEEDBACK_NORMS)
+    from monet_fast.model.arch import supported  # the registered adapters
+
+    _one_of("model.tiny_arch", m.tiny_arch, tuple(supported()))
     if m.init is None and m.tiny_seed is None:
         raise ConfigError(
             "no model: pass --init DIR (or model.init=DIR), or set model.tiny_seed to build the "

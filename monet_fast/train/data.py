@@ -167,9 +167,8 @@ def ce_weight_of(batch: LatentBatch, obs_weight: float) -> float:
     return float((w * target).sum())
 
 
-def align_count_of(batch: LatentBatch, student_stage: Stage | int) -> int:
+def align_count_of(batch: LatentBatch, stage: Stage) -> int:
     """Samples whose alignment term is non-empty (observation tokens / latent slots)."""
-    stage = Stage.of(student_stage)
     if stage is Stage.STAGE2:
         return sum(1 for lay in batch.layouts if lay.observation_positions)
     if stage is Stage.STAGE3:
@@ -201,7 +200,7 @@ class SFTCollator:
     def __init__(
         self,
         processor: Any,
-        student_stage: int,
+        student_stage: Stage,
         latent_size: int,
         obs_weight: float,
         *,
@@ -213,7 +212,7 @@ class SFTCollator:
     ) -> None:
         self.processor = processor
         self.label_observation_tags = label_observation_tags
-        self.student_stage = student_stage
+        self.student_stage = Stage.expect(student_stage, "SFTCollator(student_stage)")
         self.latent_size = latent_size
         self.obs_weight = obs_weight
         self.image_budget = image_budget
@@ -225,7 +224,7 @@ class SFTCollator:
         return collate(
             samples,
             self.processor,
-            Stage.of(self.student_stage),
+            self.student_stage,
             self.latent_size,
             label_observation_tags=self.label_observation_tags,
         )

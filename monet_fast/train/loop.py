@@ -229,7 +229,7 @@ class SFTRecipe(RecipeBase):
 
         self.collator = SFTCollator(
             self.processor,
-            cfg.stage,
+            cfg.student_stage,
             cfg.model.latent_size,
             self.obs_weight,
             image_budget=cfg.data.image_budget,
@@ -412,7 +412,7 @@ class SFTRecipe(RecipeBase):
             lists = lists[: cfg.eval.max_batches]
         collator = SFTCollator(
             self.processor,
-            cfg.stage,
+            cfg.student_stage,
             cfg.model.latent_size,
             self.obs_weight,
             image_budget=cfg.data.image_budget,

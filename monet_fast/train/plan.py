@@ -437,7 +437,7 @@ def _from_yaml(path: Path) -> tuple[ModelDims, dict]:
         else ["model.tiny_seed=0"]
     )
     if is_vlpo:
-        from monet_fast.train.vlpo import load_rl_config
+        from monet_fast.train.vlpo_config import load_rl_config
 
         cfg = load_rl_config(path, overrides)
         found = {
@@ -480,8 +480,8 @@ def _from_yaml(path: Path) -> tuple[ModelDims, dict]:
         # live under configs/<preset>/ (e.g. configs/qwen3_vl_8b/8x24gb/); else assume the 7B.
         named = [d.name for d in path.resolve().parents if d.name in PRESETS]
         return PRESETS[named[0]] if named else QWEN2_5_VL_7B, found
-    dims, extra = resolve_model("tiny")
-    return dims, {**found, **extra}
+    # The file builds the tiny model (model.tiny_seed) for model.tiny_arch.
+    return tiny_dims(arch=cfg.model.tiny_arch), {**found, "dtype": "fp32"}
 
 
 def parse_gpus(text: str) -> tuple[int, float]:

@@ -106,7 +106,9 @@ class RecipeBase:
                 device=self.device if quantize else None,
             )
         else:
-            model, processor = tiny_model(cfg.tiny_seed, latent_size=cfg.latent_size)
+            model, processor = tiny_model(
+                cfg.tiny_seed, latent_size=cfg.latent_size, arch=cfg.tiny_arch
+            )
         if quantize is None:  # quantized weights keep their storage dtype
             model = model.to(self.dtype)
         if cfg.attn_implementation is not None:

@@ -113,6 +113,20 @@ def add_rl_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python -m monet_fast.train.vlpo` (what torchrun / deepspeed launch): the `rl` arguments."""
+    from monet_fast.train.recipe_base import module_main
+
+    return module_main(
+        argv,
+        prog="python -m monet_fast.train.vlpo",
+        command="rl",
+        description=__doc__,
+        add_arguments=add_rl_arguments,
+        run_from_args=run_from_args,
+    )
+
+
 def register(subparsers) -> None:
     """Add `rl` to the `monet-fast` command line (imports nothing heavy)."""
     p = subparsers.add_parser(

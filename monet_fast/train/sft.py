@@ -31,7 +31,7 @@ from monet_fast.train import teacher as T
 from monet_fast.train.config import ConfigError, TrainConfig, load_config
 from monet_fast.train.data import apply_image_budget
 from monet_fast.train.loop import SFTRecipe, TrainResult, _barrier
-from monet_fast.train.recipe_base import module_main, run_cli
+from monet_fast.train.recipe_base import run_cli
 
 logger = logging.getLogger("monet_fast.train")
 
@@ -96,7 +96,11 @@ class _TeacherRecipe(SFTRecipe):
             model, processor, _ = self.load_teacher()
             self.teacher_layers = self._resolve_layers(model)
             self.online_teacher = T.OnlineTeacher(
-                model, processor, self.stage, self.cfg.model.latent_size, self.teacher_layers
+                model,
+                processor,
+                self.cfg.student_stage,
+                self.cfg.model.latent_size,
+                self.teacher_layers,
             )
             return
         self.teacher_cache = self.prepare_cache()
@@ -300,30 +304,19 @@ def run_from_args(args: argparse.Namespace) -> int:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    from monet_fast.train.cli import add_train_arguments
-
-    return module_main(
-        argv,
-        prog="python -m monet_fast.train.sft",
-        command="train",
-        description=__doc__,
-        add_arguments=add_train_arguments,
-        run_from_args=run_from_args,
-    )
-
-
 __all__ = [
     "RECIPES",
     "Stage1Recipe",
     "Stage2Recipe",
     "Stage3Recipe",
     "build_config",
-    "main",
     "precompute_teacher",
     "train",
 ]
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m monet_fast.train.sft` (what torchrun / deepspeed launch)
+    # The entry lives with the CLI (cli.main): the recipe never imports its command line.
+    from monet_fast.train.cli import main
+
     sys.exit(main())

@@ -142,7 +142,7 @@ def compute_teacher_states(
     model: Any,
     processor: Any,
     samples: Sequence[Sample],
-    student_stage: int,
+    student_stage: Stage,
     latent_size: int,
     layers: list[int] | None = None,
 ) -> list[torch.Tensor]:
@@ -153,7 +153,7 @@ def compute_teacher_states(
     """
     from monet_fast.model.latent import latent_forward
 
-    teacher_stage = Stage.of(student_stage).teacher
+    teacher_stage = Stage.expect(student_stage, "compute_teacher_states(student_stage)").teacher
     if teacher_stage is None:
         raise ValueError(f"teacher targets exist for stages 2 and 3, got stage {student_stage}")
     batch = collate(samples, processor, teacher_stage, latent_size)
@@ -171,13 +171,13 @@ class OnlineTeacher:
         self,
         model: Any,
         processor: Any,
-        student_stage: int,
+        student_stage: Stage,
         latent_size: int,
         layers: list[int] | None = None,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.processor = processor
-        self.student_stage = student_stage
+        self.student_stage = Stage.expect(student_stage, "OnlineTeacher(student_stage)")
         self.latent_size = latent_size
         self.layers = layers
 
@@ -212,6 +212,11 @@ class CacheHeader:
     image_budget: list[int] | None = None
     format: str = CACHE_FORMAT
     version: int = CACHE_VERSION
+
+    @property
+    def stage(self) -> Stage:
+        """The student stage as a `Stage` (the header stores its number: a JSON file field)."""
+        return Stage.of(self.student_stage)
 
     def describe_difference(self, other: CacheHeader) -> str:
         a, b = asdict(self), asdict(other)
@@ -341,7 +346,7 @@ def precompute_teacher_cache(
                 part = chunk[j : j + batch_size]
                 seen = [prepare(s) for s in part] if prepare is not None else part
                 states = compute_teacher_states(
-                    model, processor, seen, header.student_stage, header.latent_size, header.layers
+                    model, processor, seen, header.stage, header.latent_size, header.layers
                 )
                 for s, st in zip(part, states):
                     tensors[s.key] = st.to("cpu", dtype).contiguous()

@@ -17,7 +17,7 @@ One RL step (every rank, `VLPORecipe.train`):
                 prompts_per_step groups are kept; none kept -> skip the step     filtering.py
     ref/old   = per-step log-probs of the frozen reference (KL) [and of the policy when one
                 rollout batch feeds several optimizer steps]                             rollout.py
-    for each mini-batch of kept groups (one optimizer step each):
+    for each mini-batch of kept groups (one optimizer step each):               vlpo_update.py
         loss = Σ steps [clipped surrogate + kl_coef low_var_kl] / N_steps(mini-batch, all ranks)
         engine.backward per micro-batch; engine.step once (caller-owned accumulation boundary)
         log an "update" line: update_in_rollout, latent_loss, latent_ratio_mean, ...  vlpo_metrics.py
@@ -61,12 +61,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from monet_fast.model.tokens import TokenIds
 from monet_fast.train import checkpoint as ckpt
-from monet_fast.train import grpo
 from monet_fast.train.config_schema import ConfigError
 from monet_fast.train.data import dataset_fingerprint, epoch_order
 from monet_fast.train.engine_setup import (
@@ -77,45 +75,16 @@ from monet_fast.train.engine_setup import (
 )
 from monet_fast.train.filtering import QUOTA_MET, pool_groups
 from monet_fast.train.prompts import load_prompts, prepare_prompt
-from monet_fast.train.recipe_base import RecipeBase, module_main
+from monet_fast.train.recipe_base import RecipeBase
 from monet_fast.train.rewards import MonetReward, build_judge, safe_reward
-from monet_fast.train.rollout import (
-    BanTokens,
-    ReplayBatch,
-    Rollout,
-    build_replay_batch,
-    default_ban_ids,
-    generate_rollouts,
-    step_counts,
-)
-from monet_fast.train.vlpo_config import (  # noqa: F401 (re-exported: public names)
-    KL_TYPES,
-    REF_MODES,
-    RL_DATA_KINDS,
-    FilterSection,
-    JudgeSection,
-    ObjectiveSection,
-    RefSection,
-    RewardFnSection,
-    RewardSection,
-    RLConfig,
-    RLDataSection,
-    RLEvalSection,
-    RLTrainerSection,
-    RolloutSection,
-    load_rl_config,
-)
-from monet_fast.train.vlpo_eval import evaluate_rewards
-from monet_fast.train.vlpo_metrics import (
-    UPDATE_EVENT,
-    latent_sums,
-    rollout_stats,
-    term_stats,
-    update_records,
-)
-from monet_fast.train.vlpo_module import StepScores, VLPOTrainModule, score_steps
+from monet_fast.train.rollout import BanTokens, Rollout, default_ban_ids, generate_rollouts
+from monet_fast.train.vlpo_config import RLConfig
+from monet_fast.train.vlpo_eval import evaluate_on_ranks
+from monet_fast.train.vlpo_metrics import UPDATE_EVENT, rollout_stats
+from monet_fast.train.vlpo_module import VLPOTrainModule
 from monet_fast.train.vlpo_reference import gathered_parameters, zero3_reference
 from monet_fast.train.vlpo_state import RLMetricsLogger, RLProgress, RLResult, load_rl_checkpoint
+from monet_fast.train.vlpo_update import update_on_groups
 
 logger = logging.getLogger("monet_fast.train")
 
@@ -387,34 +356,6 @@ class VLPORecipe(RecipeBase):
             ro.reward = safe_reward(self.reward_fn, ro.text, ro.sample, ro.info)
         return out
 
-    def _micro_batches(self, groups: list[list[Rollout]], step: int) -> list[list[list[Rollout]]]:
-        """Kept groups -> mini-batches (one optimizer step each) -> micro-batches of sequences.
-
-        Groups are shuffled with a per-step seed and split into `n_updates` near-equal
-        mini-batches, n_updates = ceil(kept groups on all ranks / mini_batch_prompts), the same
-        on every rank; a rank with fewer micro-batches than another runs empty ones.
-        """
-        tr = self.cfg.trainer
-        (n_global,) = _all_reduce_sum([len(groups)], self.device)
-        n_updates = max(1, math.ceil(n_global / tr.mini_batch_prompts))
-        rng = np.random.default_rng(self.cfg.seed * 31 + step * 17 + self.rank)
-        order = rng.permutation(len(groups)).tolist()
-        minis = []
-        for part in np.array_split(np.asarray(order, dtype=np.int64), n_updates):
-            seqs = [ro for g in part.tolist() for ro in groups[g]]
-            mbs = tr.micro_batch_size
-            minis.append([seqs[i : i + mbs] for i in range(0, len(seqs), mbs)])
-        return minis
-
-    def _pad_counts(self, minis: list[list]) -> list[int]:
-        """Micro-batch count per mini-batch, the maximum over ranks (collectives must match)."""
-        counts = [len(m) for m in minis]
-        if self.world == 1:
-            return counts
-        t = torch.tensor(counts, dtype=torch.long, device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return t.tolist()
-
     def _train_step(self, step: int, prompts: list) -> dict[str, Any]:
         """One RL step: rollouts pooled until the prompt quota is met (extra calls take the
         epoch's next prompt batches), then one optimizer step per mini-batch of kept groups."""
@@ -454,100 +395,24 @@ class VLPORecipe(RecipeBase):
             stats.update(skipped=1, skip_reason=why, step_s=time.perf_counter() - t0)
             return stats
 
-        # Micro-batches, then frozen scores (reference; pre-update policy if several updates).
-        # Replay batches are built when used and dropped after (pixel values are per row);
-        # processed prompts are shared through `encoded`.
-        minis = self._micro_batches(kept, step)
-        counts = self._pad_counts(minis)
-        encoded: dict = {}
-
-        def replay(mb: list[Rollout]) -> ReplayBatch:
-            return build_replay_batch(
-                mb, self.processor, self.latent_size, pairing=o.latent_pairing, encoded=encoded
-            )
-
-        t1 = time.perf_counter()
-        temp = cfg.rollout.temperature
-        ref_scores: list[list[StepScores | None]] = [[None] * len(m) for m in minis]
-        if self.ref_model is not None:
-            with self._reference_on_device() as ref:
-                for u, mini in enumerate(minis):
-                    for i, mb in enumerate(mini):
-                        ref_scores[u][i] = score_steps(
-                            ref,
-                            replay(mb),
-                            temperature=temp,
-                            sigma=o.sigma,
-                            ban=self.ban,
-                            ce_chunk_size=o.ce_chunk_size,
-                        )
-        old_scores: list[list[StepScores | None]] = [[None] * len(m) for m in minis]
-        if len(minis) > 1:
-            self.model.eval()
-            for u, mini in enumerate(minis):
-                for i, mb in enumerate(mini):
-                    old_scores[u][i] = score_steps(
-                        self.model,
-                        replay(mb),
-                        temperature=temp,
-                        sigma=o.sigma,
-                        ban=self.ban,
-                        ce_chunk_size=o.ce_chunk_size,
-                    )
-            self.model.train()
-        t_score = time.perf_counter() - t1
-
-        # Updates: one optimizer step per mini-batch, loss normalised by its steps on all ranks.
-        t2 = time.perf_counter()
-        lr = float(self.engine.get_lr()[0])
-        all_terms: list[grpo.StepTerms] = []
-        grad_norms = []
-        # Per update: N_steps (all ranks); this rank's objective and latent sums (metrics).
-        upd_steps: list[float] = []
-        upd_local: list[list[float]] = []
-        for u, mini in enumerate(minis):
-            upd_terms: list[grpo.StepTerms] = []
-            upd_loss = 0.0
-            local = 0
-            for mb in mini:
-                for r in mb:
-                    n_tok, n_lat = step_counts(r, self.token_ids)
-                    local += n_tok + (n_lat if o.latent_term else 0)
-            (n_steps,) = _all_reduce_sum([local], self.device)
-            scale = self.world / max(n_steps, 1.0)
-            for i in range(counts[u]):
-                if i < len(mini):
-                    rb = replay(mini[i])
-                    out = self.engine(rb, old_scores[u][i], ref_scores[u][i], scale=scale)
-                    upd_terms += out["terms"]
-                    objective = out["objective"]
-                else:
-                    # Matching collectives: a zero loss that touches every trainable parameter.
-                    objective = sum(
-                        p.sum() * 0.0 for p in self.module.parameters() if p.requires_grad
-                    )
-                self.engine.backward(objective, scale_wrt_gas=False)
-                upd_loss += float(objective.detach()) / self.world
-            self.engine.step()
-            gn = self.engine.get_global_grad_norm()
-            if gn is not None:
-                grad_norms.append(float(gn))
-            all_terms += upd_terms
-            upd_steps.append(n_steps)
-            upd_local.append([upd_loss, *latent_sums(upd_terms)])
-        updates = update_records(upd_local, upd_steps, reduce)
-        t_update = time.perf_counter() - t2
-
+        # Frozen scores, then one optimizer step per mini-batch of kept groups (vlpo_update.py).
         stats.update(
-            skipped=0,
-            loss=sum(u["loss"] for u in updates) / len(updates),
-            **term_stats(all_terms, reduce),
-            updates=len(minis),
-            update_metrics=updates,  # written as "update" lines by train(), then dropped
-            lr=lr,
-            grad_norm=grad_norms[-1] if grad_norms else None,
-            score_s=t_score,
-            update_s=t_update,
+            update_on_groups(
+                kept,
+                step,
+                cfg=cfg,
+                engine=self.engine,
+                module=self.module,
+                model=self.model,
+                processor=self.processor,
+                reference=self._reference_on_device if self.ref_model is not None else None,
+                latent_size=self.latent_size,
+                ban=self.ban,
+                token_ids=self.token_ids,
+                rank=self.rank,
+                world=self.world,
+                device=self.device,
+            ),
             step_s=time.perf_counter() - t0,
         )
         return stats
@@ -609,43 +474,22 @@ class VLPORecipe(RecipeBase):
         self.metrics.event("end", step=p.global_step, seconds=result.seconds)
         return result
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean reward / accuracy / format rate on the held-out prompts (eval.data)."""
-        ev, r = self.cfg.eval, self.cfg.rollout
-        samples, _ = load_prompts(ev.data)
-        mine = [
-            prepare_prompt(s, ev.data.image_budget, r.prompt_suffix)
-            for s in samples[self.rank :: self.world]
-        ]
         with self._gathered():
-            res = evaluate_rewards(
+            return evaluate_on_ranks(
                 self.model,
                 self.processor,
-                mine,
                 self.reward_fn,
-                samples_per_prompt=ev.samples_per_prompt,
-                temperature=ev.temperature,
-                top_p=r.top_p,
-                max_new_tokens=ev.max_new_tokens or r.max_new_tokens,
+                self.cfg,
+                rank=self.rank,
+                world=self.world,
+                device=self.device,
                 latent_size=self.latent_size,
                 latent_layout=self.latent_layout,
-                seed=self.cfg.seed + 1,
-                batch_size=r.batch_size,
                 ban=self.ban,
-                use_cuda_graphs=r.cuda_graphs and self.zero_stage != 3,
+                use_cuda_graphs=self.cfg.rollout.cuda_graphs and self.zero_stage != 3,
             )
-        n, rew, ok, fmt, fail = _all_reduce_sum(
-            [res["n"], res["reward_sum"], res["correct_sum"], res["format_sum"], res["failures"]],
-            self.device,
-        )
-        return {
-            "eval_reward": rew / max(n, 1.0),
-            "eval_accuracy": ok / max(n, 1.0),
-            "eval_format_rate": fmt / max(n, 1.0),
-            "eval_n": int(n),
-            "eval_reward_failures": int(fail),
-        }
 
     def cleanup(self) -> None:
         super().cleanup()
@@ -655,43 +499,11 @@ class VLPORecipe(RecipeBase):
         self.ref_model = None
 
 
-# --------------------------------------------------------------------------------------------
-# `python -m monet_fast.train.vlpo` (what torchrun / deepspeed launch); `rl()` and the
-# `monet-fast rl` command live in rl_cli.py
-# --------------------------------------------------------------------------------------------
+if __name__ == "__main__":  # `python -m monet_fast.train.vlpo` (what torchrun / deepspeed launch)
+    # The entry lives with the CLI (rl_cli.main): the recipe never imports its command line.
+    from monet_fast.train.rl_cli import main
 
-
-def main(argv: list[str] | None = None) -> int:
-    from monet_fast.train.rl_cli import add_rl_arguments, run_from_args
-
-    return module_main(
-        argv,
-        prog="python -m monet_fast.train.vlpo",
-        command="rl",
-        description=__doc__,
-        add_arguments=add_rl_arguments,
-        run_from_args=run_from_args,
-    )
-
-
-if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = [
-    "FilterSection",
-    "ObjectiveSection",
-    "RLDataSection",
-    "RLConfig",
-    "RLProgress",
-    "RLResult",
-    "RefSection",
-    "RewardSection",
-    "RolloutSection",
-    "VLPORecipe",
-    "VLPOTrainModule",
-    "evaluate_rewards",
-    "load_rl_config",
-    "main",
-    "score_steps",
-]
+__all__ = ["VLPORecipe"]

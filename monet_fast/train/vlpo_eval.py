@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
+import torch
+
+from monet_fast.train.engine_setup import _all_reduce_sum
+from monet_fast.train.prompts import load_prompts, prepare_prompt
 from monet_fast.train.rewards import MonetReward, safe_reward
 from monet_fast.train.rollout import BanTokens
+
+if TYPE_CHECKING:
+    from monet_fast.train.vlpo_config import RLConfig
 
 
 def evaluate_rewards(
@@ -67,4 +75,53 @@ def evaluate_rewards(
     return out
 
 
-__all__ = ["evaluate_rewards"]
+@torch.no_grad()
+def evaluate_on_ranks(
+    model,
+    processor,
+    reward_fn: MonetReward,
+    cfg: RLConfig,
+    *,
+    rank: int,
+    world: int,
+    device: torch.device,
+    latent_size: int,
+    latent_layout: str,
+    ban: BanTokens | None,
+    use_cuda_graphs: bool,
+) -> dict[str, float]:
+    """Mean reward / accuracy / format rate on the held-out prompts (cfg.eval.data), each rank
+    taking every world-th prompt; the sums are reduced over ranks (every rank gets the means)."""
+    ev, r = cfg.eval, cfg.rollout
+    samples, _ = load_prompts(ev.data)
+    mine = [prepare_prompt(s, ev.data.image_budget, r.prompt_suffix) for s in samples[rank::world]]
+    res = evaluate_rewards(
+        model,
+        processor,
+        mine,
+        reward_fn,
+        samples_per_prompt=ev.samples_per_prompt,
+        temperature=ev.temperature,
+        top_p=r.top_p,
+        max_new_tokens=ev.max_new_tokens or r.max_new_tokens,
+        latent_size=latent_size,
+        latent_layout=latent_layout,
+        seed=cfg.seed + 1,
+        batch_size=r.batch_size,
+        ban=ban,
+        use_cuda_graphs=use_cuda_graphs,
+    )
+    n, rew, ok, fmt, fail = _all_reduce_sum(
+        [res["n"], res["reward_sum"], res["correct_sum"], res["format_sum"], res["failures"]],
+        device,
+    )
+    return {
+        "eval_reward": rew / max(n, 1.0),
+        "eval_accuracy": ok / max(n, 1.0),
+        "eval_format_rate": fmt / max(n, 1.0),
+        "eval_n": int(n),
+        "eval_reward_failures": int(fail),
+    }
+
+
+__all__ = ["evaluate_on_ranks", "evaluate_rewards"]
