@@ -22,7 +22,7 @@ $(STAMP): $(BUILD_INPUTS) tools/constraints_for_torch.py
 	# Pins that follow that torch: its CUDA build requires another triton than its CPU build.
 	$(PY) tools/constraints_for_torch.py -o $(VENV)/constraints.txt
 	DS_BUILD_OPS=0 $(PIP) install --quiet -c $(VENV)/constraints.txt numpy pillow triton \
-		transformers tokenizers safetensors pyyaml tqdm psutil matplotlib deepspeed peft pytest \
+		transformers tokenizers safetensors pyyaml tqdm psutil matplotlib deepspeed peft pytest pytest-xdist \
 		fastapi uvicorn openai httpx pytest-benchmark pybind11 ninja cmake ruff setuptools wheel
 	# .venv/bin first on PATH: the build runs the cmake and ninja installed there.
 	PATH="$(abspath $(VENV))/bin:$$PATH" MAX_JOBS=$${MAX_JOBS:-2} \
@@ -32,13 +32,18 @@ $(STAMP): $(BUILD_INPUTS) tools/constraints_for_torch.py
 demo: install
 	$(RUN_ENV) $(VENV)/bin/monet-fast demo
 
+# Tests run in TEST_WORKERS pytest-xdist processes with one torch thread each: on 2 cores that
+# halves the wall time (two workers with torch's default threads oversubscribe and gain nothing).
+TEST_WORKERS ?= 2
+TEST_ENV := $(RUN_ENV) TRITON_INTERPRET=1 OMP_NUM_THREADS=1
+
 test: install
-	$(RUN_ENV) TRITON_INTERPRET=1 $(PY) -m pytest -q --benchmark-disable tests
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --benchmark-disable tests
 
 # The inner loop: everything but the tests marked slow (end-to-end CLI runs, subprocess installs,
 # multi-process DeepSpeed, GPU-target compiles).
 test-fast: install
-	$(RUN_ENV) TRITON_INTERPRET=1 $(PY) -m pytest -q -x --benchmark-disable -m "not slow" tests
+	$(TEST_ENV) $(PY) -m pytest -q -x -n $(TEST_WORKERS) --benchmark-disable -m "not slow" tests
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

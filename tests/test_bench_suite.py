@@ -20,7 +20,13 @@ def test_benchmarks_run_outside_the_checkout(tmp_path):
     suite = tmp_path / "benchmarks"
     shutil.copytree(BENCHMARKS, suite, ignore=shutil.ignore_patterns("results", "__pycache__"))
     out = tmp_path / "out.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it
+    # conftest sets TRITON_INTERPRET; pytest-xdist's worker variables would make the inner
+    # pytest-benchmark believe it runs under xdist and skip the timing (no JSON written).
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_XDIST")
+    }
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks", "-q", "-rs", "-p", "no:cacheprovider",
          "--bench-quick", "-k", "test_latent_forward and stage3", f"--benchmark-json={out}"],
