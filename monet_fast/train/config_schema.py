@@ -314,6 +314,25 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
+def with_cli_flags(
+    overrides: list[str] | None,
+    *,
+    output: str | Path | None = None,
+    max_steps: int | None = None,
+    init: str | Path | None = None,
+) -> list[str]:
+    """`overrides` plus the common command-line flags of `train` and `rl` as `key=value`
+    strings, last so that they win over the file."""
+    extra = list(overrides or [])
+    if output is not None:
+        extra.append(f"output={output}")
+    if max_steps is not None:
+        extra.append(f"trainer.max_steps={max_steps}")
+    if init is not None:
+        extra.append(f"model.init={init}")
+    return extra
+
+
 def load_run_config(
     cls: type[C],
     path: str | Path | None,

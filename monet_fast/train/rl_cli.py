@@ -35,15 +35,10 @@ def build_rl_config(
     init: str | Path | None = None,
 ) -> RLConfig:
     """Config file + overrides + the CLI's common flags (which win over the file)."""
+    from monet_fast.train.config_schema import with_cli_flags
     from monet_fast.train.vlpo_config import RLConfig, load_rl_config
 
-    extra = list(overrides or [])
-    if output is not None:
-        extra.append(f"output={output}")
-    if max_steps is not None:
-        extra.append(f"trainer.max_steps={max_steps}")
-    if init is not None:
-        extra.append(f"model.init={init}")
+    extra = with_cli_flags(overrides, output=output, max_steps=max_steps, init=init)
     if isinstance(config, RLConfig):
         if extra:
             raise ValueError("pass overrides with a config path, or edit the RLConfig object")

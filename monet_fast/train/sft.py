@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 from monet_fast.train import teacher as T
 from monet_fast.train.config import ConfigError, TrainConfig, load_config
+from monet_fast.train.config_schema import with_cli_flags
 from monet_fast.train.data import apply_image_budget
 from monet_fast.train.loop import SFTRecipe, TrainResult, _barrier
 from monet_fast.train.recipe_base import run_cli
@@ -218,13 +219,7 @@ def build_config(
     init: str | Path | None = None,
 ) -> TrainConfig:
     """Config file + overrides + the CLI's common flags (which win over the file)."""
-    extra = list(overrides or [])
-    if output is not None:
-        extra.append(f"output={output}")
-    if max_steps is not None:
-        extra.append(f"trainer.max_steps={max_steps}")
-    if init is not None:
-        extra.append(f"model.init={init}")
+    extra = with_cli_flags(overrides, output=output, max_steps=max_steps, init=init)
     if isinstance(config, TrainConfig):
         if extra:
             raise ValueError("pass overrides with a config path, or edit the TrainConfig object")
