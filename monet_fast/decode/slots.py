@@ -4,8 +4,9 @@
 cache write column. A server needs rows that start and stop at different times, so here every
 row of a static batch (a *slot*) has its own cache write position, emission counter, sampling
 parameters (temperature, top-p, greedy or not, logit bias), random generator and latent settings
-(K, block cap). A request is prefilled into a free slot between two decode steps while the other
-slots keep their state; a finished or cancelled request frees its slot for the next one.
+(K, block cap). Requests are prefilled into free slots between two decode steps while the other
+slots keep their state (several at once in one right-padded forward, `prefill_many`); a finished
+or cancelled request frees its slot for the next one.
 
 Same math per row as the engine: `LatentDecoder.text_forward` on a static KV cache, the LM head,
 the exponential-race sampler of `engine.sample_tokens` and the C++/CUDA `_ops.latent_step`, so a
@@ -35,6 +36,7 @@ from monet_fast import _ops
 from monet_fast.decode.config import NO_BLOCK_CAP
 from monet_fast.decode.engine import LatentDecoder
 from monet_fast.decode.inputs import PreparedBatch
+from monet_fast.decode.slot_batch import join_right_padded
 from monet_fast.model.config import LatentConfig, get_latent_config
 from monet_fast.model.feedback import FeedbackNorm
 
@@ -60,9 +62,9 @@ class SlotParams:
 class SlotKVCache:
     """Keys/values [slots, kv_heads, max_len, head_dim] per layer with a write column per slot.
 
-    Duck-types `Cache.update` like `state.StaticKVCache`. Two modes: `prefill_slot = s` writes a
-    one-row prompt's keys to columns [0, L) of slot s and returns them (the prompt attends to
-    itself only); otherwise one column per row at `write_pos[row]`, returning the first
+    Duck-types `Cache.update` like `state.StaticKVCache`. Two modes: `prefill_rows = [(s, L),
+    ...]` writes row b of a right-padded prompt batch to columns [0, L) of slot s and returns the
+    batch's keys (the prompts attend to themselves only); otherwise one column per row at `write_pos[row]`, returning the first
     `view_len` columns (eager) or all (`view_len=None`, the mask hides the rest).
     """
 
@@ -74,7 +76,7 @@ class SlotKVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
         self.write_pos = torch.zeros(slots, dtype=torch.long, device=device)
-        self.prefill_slot: int | None = None
+        self.prefill_rows: list[tuple[int, int]] | None = None
         self.view_len: int | None = None
         self.rows: int | None = None  # decode only the first `rows` slots (eager); None: all
         self._index = self.write_pos.view(slots, 1, 1, 1).expand(slots, kv_heads, 1, head_dim)
@@ -84,10 +86,11 @@ class SlotKVCache:
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if self.prefill_slot is not None:
-            s, length = self.prefill_slot, key_states.shape[2]
-            keys[s, :, :length].copy_(key_states[0])
-            values[s, :, :length].copy_(value_states[0])
+        if self.prefill_rows is not None:
+            # Right padding: row b's real keys are its first L columns; the rest never land.
+            for b, (s, length) in enumerate(self.prefill_rows):
+                keys[s, :, :length].copy_(key_states[b, :, :length])
+                values[s, :, :length].copy_(value_states[b, :, :length])
             return key_states, value_states
         index = self._index
         if self.rows is not None:
@@ -205,21 +208,40 @@ class SlotDecoder:
 
     # ------------------------------------------------------------------ host API
 
-    def prefill(self, slot: int, batch: PreparedBatch, params: SlotParams) -> None:
-        """Run the one-row prompt `batch` into `slot`, reset its state and make emission 0."""
-        bufs, model = self.bufs, self.model
-        device = model.device
+    def check(self, batch: PreparedBatch, params: SlotParams) -> None:
+        """Raise ValueError unless the one-row prompt `batch` + its budget fits a slot."""
         prompt_len = batch.input_ids.shape[1]
-        forced = params.force_latent or batch.forced_start[0]
-        budget = params.max_new_tokens + int(forced)
-        if prompt_len + budget > bufs.max_len:
+        budget = params.max_new_tokens + int(params.force_latent or batch.forced_start[0])
+        if prompt_len + budget > self.bufs.max_len:
             raise ValueError(
                 f"prompt ({prompt_len} tokens) + max_new_tokens ({budget}) exceeds the "
-                f"{bufs.max_len}-token context"
+                f"{self.bufs.max_len}-token context"
             )
+
+    def prefill(self, slot: int, batch: PreparedBatch, params: SlotParams) -> None:
+        """Run the one-row prompt `batch` into `slot`, reset its state and make emission 0."""
+        self.prefill_many([(slot, batch, params)])
+
+    def prefill_many(self, items: list[tuple[int, PreparedBatch, SlotParams]]) -> None:
+        """Prefill several (slot, one-row prompt, params) in one right-padded forward.
+
+        Each row's keys land in columns [0, L) of its slot and its emission 0 comes from its
+        last real token, so every request decodes as if it had been prefilled alone.
+        """
+        bufs, model = self.bufs, self.model
+        device = model.device
+        slots = [s for s, _, _ in items]
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"prefill_many: a slot appears twice in {slots}")
+        for _, batch, params in items:
+            self.check(batch, params)
+        pad_id = self.engine.processor.tokenizer.pad_token_id
+        batch, lengths = join_right_padded(
+            [b for _, b, _ in items], self.fill_id if pad_id is None else pad_id
+        )
+        width = batch.input_ids.shape[1]
         arch = self.engine.arch
         visual = arch.embed(model, batch.input_ids, batch.pixel_values, batch.image_grid_thw)
-        embeds = visual.embeds
         positions = arch.rope_index(
             batch.input_ids,
             batch.mm_token_type_ids,
@@ -228,45 +250,54 @@ class SlotDecoder:
             spatial_merge_size=arch.spatial_merge_size(model),
         ).to(device)
         dtype = bufs.mask.dtype
-        causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).tril()
-        mask = torch.zeros(1, 1, prompt_len, prompt_len, dtype=dtype, device=device)
-        mask.masked_fill_(~causal, bufs.min_value)
+        valid = batch.attention_mask.to(device).bool()  # [B, P]
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        allowed = causal.unsqueeze(0) & valid.unsqueeze(1)  # [B, P(query), P(key)]
+        mask = torch.zeros(len(items), 1, width, width, dtype=dtype, device=device)
+        mask.masked_fill_(~allowed.unsqueeze(1), bufs.min_value)
         cache = bufs.cache
-        cache.prefill_slot = slot
+        cache.prefill_rows = list(zip(slots, lengths))
         try:
-            states = self.engine.text_forward(embeds, positions, mask, cache, visual.deepstack)
+            states = self.engine.text_forward(
+                visual.embeds, positions, mask, cache, visual.deepstack
+            )
         finally:
-            cache.prefill_slot = None
+            cache.prefill_rows = None
 
-        s = slot
-        # Everything the previous occupant left is reset: mask (its columns closed again),
-        # counters, parameters, generator.
-        bufs.mask[s].fill_(bufs.min_value)
-        bufs.mask[s, 0, 0, :prompt_len] = 0.0
-        bufs.base_pos[s] = positions[:, 0].amax() + 1
-        bufs.step[s] = 0
-        cache.write_pos[s] = prompt_len
-        bufs.mode[s] = _ops.MODE_TEXT
-        bufs.count[s] = 0
-        bufs.n_blocks[s] = 0
-        bufs.remaining[s] = budget
-        bufs.temperature[s] = params.temperature
-        bufs.top_p[s] = params.top_p
-        bufs.do_sample[s] = params.do_sample
-        k = params.latent_size if params.latent_size is not None else self.latent.latent_size
-        bufs.latent_k[s] = k
-        bufs.max_blocks[s] = params.max_blocks
-        bufs.bias[s].zero_()
-        for token, value in params.logit_bias:
-            bufs.bias[s, token] = value
-        bufs.generators[s].manual_seed(params.seed)
-        self._occupied[s] = True
-        self._sampling[s] = params.do_sample
-        self._bound[s] = prompt_len
+        forced = []
+        for b, (s, one, params) in enumerate(items):
+            prompt_len = lengths[b]
+            forced.append(bool(params.force_latent or one.forced_start[0]))
+            # Everything the previous occupant left is reset: mask (its columns closed again),
+            # counters, parameters, generator.
+            bufs.mask[s].fill_(bufs.min_value)
+            bufs.mask[s, 0, 0, :prompt_len] = 0.0
+            bufs.base_pos[s] = positions[:, b, :prompt_len].amax() + 1
+            bufs.step[s] = 0
+            cache.write_pos[s] = prompt_len
+            bufs.mode[s] = _ops.MODE_TEXT
+            bufs.count[s] = 0
+            bufs.n_blocks[s] = 0
+            bufs.remaining[s] = params.max_new_tokens + int(forced[-1])
+            bufs.temperature[s] = params.temperature
+            bufs.top_p[s] = params.top_p
+            bufs.do_sample[s] = params.do_sample
+            k = params.latent_size if params.latent_size is not None else self.latent.latent_size
+            bufs.latent_k[s] = k
+            bufs.max_blocks[s] = params.max_blocks
+            bufs.bias[s].zero_()
+            for token, value in params.logit_bias:
+                bufs.bias[s, token] = value
+            bufs.generators[s].manual_seed(params.seed)
+            self._occupied[s] = True
+            self._sampling[s] = params.do_sample
+            self._bound[s] = prompt_len
 
-        rows = torch.tensor([s], device=device)
-        hidden = states[:, -1]
-        self._select(rows, hidden, live=None, force=forced)
+        rows = torch.tensor(slots, device=device)
+        last = torch.tensor(lengths, device=device) - 1  # right padding: each row's last token
+        hidden = states[torch.arange(len(items), device=device), last]
+        force = torch.tensor(forced, dtype=torch.bool, device=device)
+        self._select(rows, hidden, live=None, force=force)
 
     def release(self, slot: int) -> None:
         """Free `slot` (finished, stopped or cancelled): it stops decoding at once."""
@@ -347,7 +378,7 @@ class SlotDecoder:
         advance = live.long()
         write_pos.add_(advance)
         bufs.step[:n].add_(advance)
-        self._select(None, states[:, -1], live=live, force=False, graph=view_len is None)
+        self._select(None, states[:, -1], live=live, force=None, graph=view_len is None)
 
     def _sample(self, rows, logits, graph: bool) -> torch.Tensor:
         """Per-row greedy or temperature + top-p sampling (engine.sample_tokens, one row each)."""
@@ -373,8 +404,9 @@ class SlotDecoder:
         sampled = (probs / race).argmax(dim=-1)
         return torch.where(pick(bufs.do_sample), sampled, greedy)
 
-    def _select(self, rows, hidden, live, force: bool, graph: bool = False) -> None:
-        """LM head -> sampling -> latent_step for the rows `rows` (None: all, in place)."""
+    def _select(self, rows, hidden, live, force, graph: bool = False) -> None:
+        """LM head -> sampling -> latent_step for the rows `rows` (None: all, in place);
+        `force`: None, or a bool per row whose emission is START whatever was sampled."""
         bufs, lat = self.bufs, self.latent
         # rows None: the decode step's first _n slots, as views (updated in place).
         pick = (lambda t: t[: self._n]) if rows is None else (lambda t: t[rows])
@@ -386,8 +418,8 @@ class SlotDecoder:
             capped, float("-inf")
         )
         sampled = self._sample(rows, logits, graph)
-        if force:
-            sampled = torch.full_like(sampled, lat.latent_start_id)
+        if force is not None:
+            sampled = sampled.masked_fill(force, lat.latent_start_id)
         k_rows = pick(bufs.latent_k)
         if self.layout_id == 1:  # monet_vllm: a block holding K rows closes now
             full_block = (mode == _ops.MODE_LATENT) & (count >= k_rows)
@@ -437,7 +469,7 @@ class SlotDecoder:
             out_fed.scatter_(1, step, new_fed)
             ring.scatter_(1, slot_index, new_vec)
             return
-        # Prefill of one row: write the picked copies back.
+        # Prefill rows: write the picked copies back.
         for name, value in (
             ("mode", mode),
             ("count", count),

@@ -2,6 +2,7 @@
 
     monet-fast serve --model DIR|tiny [--host 127.0.0.1] [--port 8000] [--max-batch N]
         [--max-new-tokens N] [--max-context N] [--max-queue N] [--api-key KEY]
+        [--max-prefill-batch N] [--max-prefill-tokens N]
         [--allow-local-images DIR] [--device cuda] [--dtype bfloat16]
 
 `--model tiny` serves the embedded tiny model (random weights; for smoke tests). The API key may
@@ -47,6 +48,8 @@ def build_server(
     max_context: int = 4096,
     max_queue: int | None = None,
     check_every: int = 4,
+    max_prefill_batch: int = 8,
+    max_prefill_tokens: int = 8192,
     api_key: str | None = None,
     allow_local_images: str | None = None,
     max_image_bytes: int = 20 * 2**20,
@@ -72,6 +75,8 @@ def build_server(
         max_context=max_context,
         max_queue=4 * max_batch if max_queue is None else max_queue,
         check_every=check_every,
+        max_prefill_batch=max_prefill_batch,
+        max_prefill_tokens=max_prefill_tokens,
         eos_ids=cfg.eos_ids,
         fill_id=cfg.fill_id,
     )
@@ -101,6 +106,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_context=args.max_context,
         max_queue=args.max_queue,
         check_every=args.check_every,
+        max_prefill_batch=args.max_prefill_batch,
+        max_prefill_tokens=args.max_prefill_tokens,
         api_key=args.api_key or os.environ.get("MONET_FAST_API_KEY") or None,
         allow_local_images=args.allow_local_images,
         max_image_bytes=args.max_image_bytes,
@@ -130,6 +137,15 @@ def register(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512, help="default max_tokens")
     p.add_argument("--max-context", type=int, default=4096, help="prompt + output tokens")
     p.add_argument("--check-every", type=int, default=4, help="decode steps between joins")
+    p.add_argument(
+        "--max-prefill-batch", type=int, default=8, help="requests prefilled in one forward"
+    )
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=8192,
+        help="padded prompt tokens (rows x longest) per prefill forward",
+    )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument(
         "--allow-local-images", metavar="DIR", default=None, help="serve image files under DIR"

@@ -1,7 +1,8 @@
 """Continuous batching: one background thread owns the model and every slot of `SlotDecoder`.
 
 Loop: free the slots of finished or cancelled requests -> prefill queued requests into free slots
--> run `check_every` decode steps of all slots -> pull each slot's new emissions to the host,
+(those admitted together in batched forwards of at most `max_prefill_batch` rows and
+`max_prefill_tokens` padded tokens, shortest prompts grouped together) -> run `check_every` decode steps of all slots -> pull each slot's new emissions to the host,
 render text, apply stop strings, stream deltas, finish requests. So requests join and leave the
 running batch between decode steps, and a slot is reused by the next request as soon as it is
 freed. HTTP handlers never touch the model: they `submit` a prepared `Job` and receive events
@@ -92,6 +93,8 @@ class Scheduler:
         max_context: int,
         max_queue: int,
         check_every: int = 4,
+        max_prefill_batch: int = 8,
+        max_prefill_tokens: int = 8192,
         eos_ids,
         fill_id: int,
     ) -> None:
@@ -100,6 +103,12 @@ class Scheduler:
                 f"slots must be >= 1, max_queue >= 0, check_every in [1, 8]; got {slots}, "
                 f"{max_queue}, {check_every}"
             )
+        if max_prefill_batch < 1 or max_prefill_tokens < 1:
+            raise ValueError(
+                f"max_prefill_batch and max_prefill_tokens must be >= 1; got "
+                f"{max_prefill_batch}, {max_prefill_tokens}"
+            )
+        self.max_prefill_batch, self.max_prefill_tokens = max_prefill_batch, max_prefill_tokens
         self.model, self.processor = model, processor
         self.tokenizer = processor.tokenizer
         self.decoder = SlotDecoder(
@@ -210,19 +219,44 @@ class Scheduler:
         return admitted
 
     def _iteration(self, admitted: list[tuple[int, Job]]) -> None:
-        for slot, job in admitted:
+        for group in self._prefill_groups(admitted):
             try:
-                self.decoder.prefill(slot, job.batch, job.params)
-            except ValueError as err:
-                with self._cond:
-                    del self.running[slot]
-                self.decoder.release(slot)
-                self._fail(job, ApiError(400, str(err)))
+                self.decoder.prefill_many([(slot, job.batch, job.params) for slot, job in group])
+            except ValueError:
+                # One bad request must not fail the others: retry the group one by one.
+                for slot, job in group:
+                    self._prefill_one(slot, job)
         if self.running:
             self.decoder.decode_steps(self.check_every)
             self.steps += self.check_every
         for slot, job in list(self.running.items()):
             self._harvest(slot, job)
+
+    def _prefill_groups(self, admitted: list[tuple[int, Job]]) -> list[list[tuple[int, Job]]]:
+        """Admitted requests in prefill batches under the row and padded-token caps, shortest
+        prompts together (less padding); a prompt over the token cap is prefilled alone."""
+        groups: list[list[tuple[int, Job]]] = []
+        for slot, job in sorted(admitted, key=lambda item: item[1].prompt_tokens):
+            group = groups[-1] if groups else None
+            # Sorted: this prompt is the group's longest, so it sets the padded width.
+            if (
+                group is None
+                or len(group) >= self.max_prefill_batch
+                or (len(group) + 1) * job.prompt_tokens > self.max_prefill_tokens
+            ):
+                groups.append([(slot, job)])
+            else:
+                group.append((slot, job))
+        return groups
+
+    def _prefill_one(self, slot: int, job: Job) -> None:
+        try:
+            self.decoder.prefill(slot, job.batch, job.params)
+        except ValueError as err:
+            with self._cond:
+                del self.running[slot]
+            self.decoder.release(slot)
+            self._fail(job, ApiError(400, str(err)))
 
     def _fail(self, job: Job, error: ApiError) -> None:
         job.finished = True
