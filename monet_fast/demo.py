@@ -34,7 +34,6 @@ from monet_fast._io import atomic_write_text
 from monet_fast.data.synthetic import SyntheticTaskConfig
 from monet_fast.demo_summary import (
     DemoReport,
-    finite,
     format_command,
     format_summary,
     intervention_table,
@@ -42,6 +41,7 @@ from monet_fast.demo_summary import (
     paired_models,
     read_report,
 )
+from monet_fast.eval.report import to_jsonable
 from monet_fast.model.feedback import FEEDBACK_NORMS, check_feedback_norm
 
 DEMO_TASK = SyntheticTaskConfig(
@@ -399,12 +399,11 @@ class Demo:
             comparisons["feedback_norm"] = paired_models(
                 read_report(off["eval_report"]), read_report(on["eval_report"]), seed=cfg.seed
             )
+            alt_report = read_report(self.out / "eval_alt" / "report.json")
             comparisons["feedback_norm_interventions"] = {
                 "mode": cfg.other_feedback_norm,
-                "table": intervention_table(read_report(self.out / "eval_alt" / "report.json")),
-                "diagnostics": latent_diagnostics(
-                    read_report(self.out / "eval_alt" / "report.json")
-                ),
+                "table": intervention_table(alt_report),
+                "diagnostics": latent_diagnostics(alt_report),
             }
         report = DemoReport(
             task={
@@ -451,7 +450,7 @@ class Demo:
                 .get("tokens_per_s"),
             },
         )
-        _write_json(self.out / "report.json", finite(asdict(report)))
+        _write_json(self.out / "report.json", to_jsonable(asdict(report)))
         print(format_summary(report))
         _log(f"report: {self.out / 'report.json'} (plots and tables in {self.out / 'eval'})")
         return report

@@ -10,7 +10,6 @@ comparisons on the same held-out items: VLPO âˆ’ stage 3 and feedback_norm on âˆ
 from __future__ import annotations
 
 import json
-import math
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,17 +98,6 @@ def latent_diagnostics(eval_report: dict) -> dict[str, Any]:
         "embedding_norm": c.get("embedding_norm"),
         "norm_ratio_per_step": [s.get("ratio") for s in c.get("norm_per_step") or []],
     }
-
-
-def finite(obj: Any) -> Any:
-    """NaN -> None, so report.json is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [finite(v) for v in obj]
-    return obj
 
 
 def _pct(value: float | None) -> str:
@@ -212,7 +200,6 @@ def format_command(argv: list[str]) -> str:
 
 __all__ = [
     "DemoReport",
-    "finite",
     "format_command",
     "format_summary",
     "intervention_table",

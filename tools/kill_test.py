@@ -180,14 +180,10 @@ def _state(root: Path, since: float) -> str:
 
 
 def _last_step(out: Path) -> int:
+    from monet_fast.train.metrics import read_metrics
+
     path = out / "metrics.jsonl"
-    steps = [0]
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            if "step" in rec and "event" not in rec:
-                steps.append(rec["step"])
-    return max(steps)
+    return max([0] + [r["step"] for r in read_metrics(path)]) if path.is_file() else 0
 
 
 def _attempt_log(out: Path, offset: int) -> tuple[bool, int | None]:

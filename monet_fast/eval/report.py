@@ -48,7 +48,7 @@ from monet_fast._io import atomic_write_bytes
 from monet_fast._optional import available, missing_message
 from monet_fast.eval.collapse import TraceLike, collapse_metrics, cosine_matrix
 from monet_fast.eval.interventions import INTERVENTIONS
-from monet_fast.eval.plots import plot_accuracy, plot_heatmap, plot_trigger
+from monet_fast.eval.plots import _num, plot_accuracy, plot_heatmap, plot_trigger
 from monet_fast.eval.scoring import accuracy_by_category
 from monet_fast.eval.stats import bootstrap_ci, paired_bootstrap_delta
 from monet_fast.tasks.scoring import ScoredItem
@@ -262,12 +262,6 @@ def _interval(ci: Sequence[float | None] | None, signed: bool = False) -> str:
         return "—"
     fmt = "{:+.1f}" if signed else "{:.1f}"
     return f"[{fmt.format(100 * ci[0])}, {fmt.format(100 * ci[1])}]"
-
-
-def _num(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
