@@ -29,13 +29,13 @@ from decode_helpers import (
 
 from monet_fast.decode import GraphUnsafeProcessorWarning, LatentDecoder, generate
 from monet_fast.decode import engine as engine_module
-from monet_fast.decode.engine import sample_tokens
 from monet_fast.decode.graph_safety import (
     GraphUnsafeError,
     check_logits_processor,
     detect_host_sync,
 )
 from monet_fast.decode.graphs import EagerStep
+from monet_fast.decode.sampling import sample_tokens
 
 # Margin-aware token comparison (see decode_helpers.assert_tokens_match). fp32 without TF32:
 # graph vs eager logits differ by <= 1e-4 (measured, CPU emulation; logits |max| ~ 8), so 1e-2

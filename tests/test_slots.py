@@ -110,3 +110,16 @@ def test_seeded_sampling_same_alone_and_batched_and_on_graph_path(tiny):
         SlotDecoder(model, processor, 1, 96, [EOS], EOS), processor, [(prompts[0], reseeded)]
     )
     assert other[0] != alone[0]
+
+
+def test_per_row_top_p_keeps_only_the_nucleus(tiny, alone):
+    """A sampling row with a tiny top_p keeps only its top token, so it decodes greedily, while
+    the row beside it samples from the full distribution (top_p is per slot)."""
+    model, processor = tiny
+    prompts = _prompts(2)
+    nucleus = SlotParams(LENGTHS[0], do_sample=True, temperature=1.5, top_p=1e-6, seed=5)
+    wide = SlotParams(LENGTHS[1], do_sample=True, temperature=1.5, top_p=1.0, seed=5)
+    decoder = SlotDecoder(model, processor, 2, 96, [EOS], EOS)
+    got = _serve(decoder, processor, [(prompts[0], nucleus), (prompts[1], wide)])
+    assert got[0] == alone[0]
+    assert got[1] != alone[1]

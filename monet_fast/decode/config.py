@@ -46,6 +46,20 @@ def _as_id_list(value) -> list[int]:
     return [int(v) for v in value]
 
 
+def saved_latent_config(model, processor) -> LatentConfig:
+    """The model's saved latent config, its token ids taken from the tokenizer when unset."""
+    saved = get_latent_config(model)
+    if (
+        saved.latent_start_id is None
+        or saved.latent_end_id is None
+        or saved.latent_token_id is None
+    ):
+        saved = LatentConfig.from_tokenizer(
+            processor.tokenizer, latent_size=saved.latent_size, latent_layout=saved.latent_layout
+        )
+    return saved
+
+
 def resolve_config(
     model,
     processor,
@@ -71,15 +85,7 @@ def resolve_config(
         or max_new_tokens < 1
     ):
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    saved = get_latent_config(model)
-    if (
-        saved.latent_start_id is None
-        or saved.latent_end_id is None
-        or saved.latent_token_id is None
-    ):
-        saved = LatentConfig.from_tokenizer(
-            processor.tokenizer, latent_size=saved.latent_size, latent_layout=saved.latent_layout
-        )
+    saved = saved_latent_config(model, processor)
     k = saved.latent_size if latent_size is None else latent_size
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"latent_size must be an int >= 1, got {latent_size!r}")

@@ -53,6 +53,7 @@ from monet_fast.decode.graph_safety import (
 )
 from monet_fast.decode.host import GenerateOutput, HostView, Streamer
 from monet_fast.decode.inputs import PreparedBatch, prepare_batch
+from monet_fast.decode.sampling import sample_tokens
 from monet_fast.decode.state import DecodeBuffers
 from monet_fast.model.arch import DeepstackFeatures, arch_of
 from monet_fast.model.feedback import FeedbackNorm
@@ -77,36 +78,6 @@ class _Intervention:
 
 
 _GRAPH_LEN_MULTIPLE = 256
-
-
-def sample_tokens(
-    logits: torch.Tensor,
-    do_sample: bool,
-    temperature: torch.Tensor,
-    top_p: torch.Tensor | None,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """Greedy argmax, or temperature + top-p sampling; [B, V] float32 -> [B] int64.
-
-    Sampling uses the exponential-race form of multinomial (argmax of p / q with q ~ Exp(1)),
-    which needs no host sync and is capturable in a CUDA graph. top-p keeps the smallest set of
-    tokens whose probability reaches top_p (as transformers' TopPLogitsWarper, min 1 token);
-    None skips it. temperature and top_p are 0-d tensors so a captured graph can be reused with
-    other values.
-    """
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_p is not None:
-        sorted_logits, order = logits.sort(dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= (1.0 - top_p)
-        drop[:, -1] = False
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / race).argmax(dim=-1)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -273,7 +244,7 @@ class LatentDecoder:
                 self._decode_step(runner.bufs, cfg, processor, runner.generator, None)
 
             if device.type == "cuda":
-                runner.graph = capture_decode_step(step, generator=gen)
+                runner.graph = capture_decode_step(step, [gen] if gen is not None else [])
             else:  # emulate_graphs
                 runner.graph = EagerStep(step, device, lambda: weights_fingerprint(self.model))
             self._graphs[key] = runner
@@ -339,24 +310,12 @@ class LatentDecoder:
         intervention: _Intervention | None = None,
     ) -> None:
         """Run the prompts, reset every state buffer in place, and make emission 0."""
-        model, device = self.model, self.model.device
+        device = self.model.device
         n_rows, prompt_len = batch.input_ids.shape
         dtype = bufs.mask.dtype
         min_value = torch.finfo(dtype).min
-        visual = self.arch.embed(model, batch.input_ids, batch.pixel_values, batch.image_grid_thw)
+        visual, positions, mask, valid = self.prompt_inputs(batch, dtype)
         embeds = visual.embeds
-        positions = self.arch.rope_index(
-            batch.input_ids,
-            batch.mm_token_type_ids,
-            batch.image_grid_thw,
-            batch.attention_mask,
-            spatial_merge_size=self.arch.spatial_merge_size(model),
-        ).to(device)
-        valid = batch.attention_mask.to(device).bool()  # [B, P]
-        causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).tril()
-        allowed = causal.unsqueeze(0) & valid.unsqueeze(1)  # [B, P(query), P(key)]
-        mask = torch.zeros(n_rows, 1, prompt_len, prompt_len, dtype=dtype, device=device)
-        mask.masked_fill_(~allowed.unsqueeze(1), min_value)
 
         bufs.cache.prefill = True
         try:
@@ -390,6 +349,26 @@ class LatentDecoder:
         self._select(
             bufs, hidden, cfg, processor, generator, force=force, intervention=intervention
         )
+
+    def prompt_inputs(self, batch: PreparedBatch, dtype: torch.dtype):
+        """(visual features, mRoPE positions [3, B, P], additive causal mask [B, 1, P, P] that
+        hides padding, valid [B, P] bool) for the prefill forward of a padded prompt batch."""
+        model, device = self.model, self.model.device
+        width = batch.input_ids.shape[1]
+        visual = self.arch.embed(model, batch.input_ids, batch.pixel_values, batch.image_grid_thw)
+        positions = self.arch.rope_index(
+            batch.input_ids,
+            batch.mm_token_type_ids,
+            batch.image_grid_thw,
+            batch.attention_mask,
+            spatial_merge_size=self.arch.spatial_merge_size(model),
+        ).to(device)
+        valid = batch.attention_mask.to(device).bool()  # [B, P]
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        allowed = causal.unsqueeze(0) & valid.unsqueeze(1)  # [B, P(query), P(key)]
+        mask = torch.zeros(len(valid), 1, width, width, dtype=dtype, device=device)
+        mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
+        return visual, positions, mask, valid
 
     def text_forward(
         self,

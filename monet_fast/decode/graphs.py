@@ -22,7 +22,7 @@ used (the graph then follows `torch.cuda.manual_seed`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -43,11 +43,14 @@ def make_graph_generator(device: torch.device) -> torch.Generator | None:
 
 def capture_decode_step(
     step: Callable[[], None],
-    generator: torch.Generator | None = None,
+    generators: Sequence[torch.Generator] = (),
     warmup_steps: int = 2,
     pool=None,
 ) -> torch.cuda.CUDAGraph:
     """Record `step()` into a CUDA graph and return it (call `.replay()` to run one step).
+
+    `generators`: the private generators `step` draws from, registered with the graph (each
+    replay advances their offsets); needs `CUDAGraph.register_generator_state`.
 
     `step` must only touch static buffers and must not synchronise with the host. It is run
     `warmup_steps` times on a side stream first (as torch requires: lazy initialisation, cuBLAS
@@ -66,7 +69,7 @@ def capture_decode_step(
     torch.cuda.synchronize()
 
     graph = torch.cuda.CUDAGraph()
-    if generator is not None:
+    for generator in generators:
         graph.register_generator_state(generator)
     with torch.cuda.graph(graph, pool=pool):
         step()

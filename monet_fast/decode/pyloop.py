@@ -6,7 +6,7 @@ a growing 2-D attention mask), then a host sync to read the sampled ids, then a 
 state (`index_copy_` of the pending vectors, as the vLLM runner patch does). Same rule, same
 outputs as the engine (`engine.py`); it exists as the "Python step loop" of
 `monet-fast bench latent-decode` and as a second implementation the tests compare against.
-Greedy and sampling use the engine's `sample_tokens`; no CUDA graphs, no stop strings.
+Greedy and sampling use `sampling.sample_tokens`; no CUDA graphs, no stop strings.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from transformers import DynamicCache
 
 from monet_fast._compat import cache_kwarg
 from monet_fast.decode.config import NO_BLOCK_CAP, resolve_config
-from monet_fast.decode.engine import GenerateOutput, LogitsProcessor, sample_tokens
+from monet_fast.decode.engine import GenerateOutput, LogitsProcessor
 from monet_fast.decode.inputs import prepare_batch
+from monet_fast.decode.sampling import sample_tokens
 from monet_fast.model.arch import arch_of
 from monet_fast.model.feedback import FeedbackNorm
 

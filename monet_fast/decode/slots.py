@@ -9,7 +9,7 @@ slots keep their state (several at once in one right-padded forward, `prefill_ma
 or cancelled request frees its slot for the next one.
 
 Same math per row as the engine: `LatentDecoder.text_forward` on a static KV cache, the LM head,
-the exponential-race sampler of `engine.sample_tokens` and the C++/CUDA `_ops.latent_step`, so a
+the exponential-race sampler of `sampling.sample_tokens` and the C++/CUDA `_ops.latent_step`, so a
 greedy request decodes exactly what `generate()` decodes for it alone. Each slot owns a
 `torch.Generator`, reseeded when a request joins, and a row draws its noise only from it: a
 seeded request's samples do not depend on the other rows.
@@ -33,11 +33,11 @@ from dataclasses import dataclass
 import torch
 
 from monet_fast import _ops
-from monet_fast.decode.config import NO_BLOCK_CAP
+from monet_fast.decode.config import NO_BLOCK_CAP, saved_latent_config
 from monet_fast.decode.engine import LatentDecoder
 from monet_fast.decode.inputs import PreparedBatch
+from monet_fast.decode.sampling import top_p_filter
 from monet_fast.decode.slot_batch import join_right_padded
-from monet_fast.model.config import LatentConfig, get_latent_config
 from monet_fast.model.feedback import FeedbackNorm
 
 # latent_step's own K for monet_vllm rows: never reached, each row's K closes its blocks instead.
@@ -180,13 +180,7 @@ class SlotDecoder:
         self.model = model
         self.engine = LatentDecoder(model, processor)
         self.bufs = SlotBuffers(model, slots, max_len, eos_ids, ring)
-        saved = get_latent_config(model)
-        if saved.latent_start_id is None or saved.latent_token_id is None:
-            saved = LatentConfig.from_tokenizer(
-                processor.tokenizer,
-                latent_size=saved.latent_size,
-                latent_layout=saved.latent_layout,
-            )
+        saved = saved_latent_config(model, processor)
         self.latent = saved
         self.layout_id = _ops.LAYOUT_IDS[saved.latent_layout]
         # What a latent step feeds back (latent.feedback_norm), read once: served weights are fixed.
@@ -239,22 +233,7 @@ class SlotDecoder:
         batch, lengths = join_right_padded(
             [b for _, b, _ in items], self.fill_id if pad_id is None else pad_id
         )
-        width = batch.input_ids.shape[1]
-        arch = self.engine.arch
-        visual = arch.embed(model, batch.input_ids, batch.pixel_values, batch.image_grid_thw)
-        positions = arch.rope_index(
-            batch.input_ids,
-            batch.mm_token_type_ids,
-            batch.image_grid_thw,
-            batch.attention_mask,
-            spatial_merge_size=arch.spatial_merge_size(model),
-        ).to(device)
-        dtype = bufs.mask.dtype
-        valid = batch.attention_mask.to(device).bool()  # [B, P]
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        allowed = causal.unsqueeze(0) & valid.unsqueeze(1)  # [B, P(query), P(key)]
-        mask = torch.zeros(len(items), 1, width, width, dtype=dtype, device=device)
-        mask.masked_fill_(~allowed.unsqueeze(1), bufs.min_value)
+        visual, positions, mask, _ = self.engine.prompt_inputs(batch, bufs.mask.dtype)
         cache = bufs.cache
         cache.prefill_rows = list(zip(slots, lengths))
         try:
@@ -325,33 +304,20 @@ class SlotDecoder:
     def _capture(self, emulate: bool):
         """The full-cache step as a CUDA graph with every slot generator registered (each
         replay advances each generator's offset), or its CPU stand-in (`graphs.EagerStep`)."""
-        from monet_fast.decode.graphs import EagerStep, weights_fingerprint
+        from monet_fast.decode.graphs import EagerStep, capture_decode_step, weights_fingerprint
 
         def step() -> None:
             self.step(None)
 
         if emulate:
             return EagerStep(step, self.model.device, lambda: weights_fingerprint(self.model))
-        graph = torch.cuda.CUDAGraph()
-        if not hasattr(graph, "register_generator_state"):
+        if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
             warnings.warn(
                 "this torch cannot register generators with a CUDA graph: serving eagerly",
                 stacklevel=3,
             )
             return None
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up (lazy init, cuBLAS workspaces) before capture
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        for gen in self.bufs.generators:
-            graph.register_generator_state(gen)
-        with torch.cuda.graph(graph):
-            step()
-        torch.cuda.synchronize()
-        return graph
+        return capture_decode_step(step, self.bufs.generators)
 
     # ------------------------------------------------------------- device step
 
@@ -381,7 +347,7 @@ class SlotDecoder:
         self._select(None, states[:, -1], live=live, force=None, graph=view_len is None)
 
     def _sample(self, rows, logits, graph: bool) -> torch.Tensor:
-        """Per-row greedy or temperature + top-p sampling (engine.sample_tokens, one row each)."""
+        """Per-row greedy or temperature + top-p sampling (sampling.sample_tokens, one row each)."""
         bufs = self.bufs
         slots = list(range(self._n)) if rows is None else rows.tolist()
         greedy = logits.argmax(dim=-1)
@@ -389,13 +355,7 @@ class SlotDecoder:
             return greedy
         pick = (lambda t: t[: self._n]) if rows is None else (lambda t: t[rows])
         scaled = logits / pick(bufs.temperature).view(-1, 1)
-        sorted_logits, order = scaled.sort(dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= (1.0 - pick(bufs.top_p).view(-1, 1))
-        drop[:, -1] = False
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        scaled = torch.empty_like(scaled).scatter_(-1, order, sorted_logits)
-        probs = scaled.softmax(dim=-1)
+        probs = top_p_filter(scaled, pick(bufs.top_p).view(-1, 1)).softmax(dim=-1)
         race = torch.ones_like(probs)
         for j, s in enumerate(slots):
             # Each row draws from its own slot's generator only (batch-independent samples).
