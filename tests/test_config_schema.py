@@ -116,3 +116,20 @@ def test_sft_and_vlpo_recipes_are_siblings_over_one_base():
     # The shared machinery is defined once, on the base, not overridden by either recipe.
     for name in ("load_model", "prepare_policy", "init_engine", "resume_progress", "export"):
         assert name not in vars(SFTRecipe) and name not in vars(VLPORecipe), name
+
+
+def test_train_and_rl_entries_take_a_file_with_flags_or_an_object_without():
+    from monet_fast.train.rl_cli import build_rl_config
+    from monet_fast.train.sft import build_config
+
+    cfg = build_config(1, TINY / "stage1.yaml", ["optim.lr=0.5"], output="o", max_steps=3)
+    assert (cfg.optim.lr, cfg.output, cfg.trainer.max_steps) == (0.5, "o", 3)
+    rl = build_rl_config(TINY / "vlpo.yaml", None, output="r", init="m", max_steps=2)
+    assert (rl.output, rl.model.init, rl.trainer.max_steps) == ("r", "m", 2)
+    assert build_config(1, cfg) is cfg and build_rl_config(rl) is rl  # objects: validated as is
+    with pytest.raises(ValueError, match="edit the TrainConfig object"):
+        build_config(1, cfg, output="elsewhere")
+    with pytest.raises(ValueError, match="edit the RLConfig object"):
+        build_rl_config(rl, ["vlpo.kl_coef=0"])
+    with pytest.raises(ConfigError, match="stage 2 requested, config has stage 1"):
+        build_config(2, cfg)

@@ -250,3 +250,15 @@ def test_variant_recipes_load_and_carry_the_plans_prediction(path):
     # The comment's number is the planner's, so a formula change must update the recipes.
     stated = re.search(r"# plan: ([0-9.]+) GiB per GPU", path.read_text()).group(1)
     assert stated == f"{p['total_gib']:.1f}"
+
+
+def test_a_yaml_that_is_not_a_config_mapping_is_refused_naming_the_file(tmp_path):
+    from monet_fast.train.config_schema import ConfigError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        resolve_model(str(bad))
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="bad.yaml: a config must be a YAML mapping"):
+        resolve_model(str(bad))

@@ -28,11 +28,11 @@ from monet_fast.train.config_schema import (
     RunConfig,
     SchedulerSection,
     TrainerBasics,
-    _build,
     _one_of,
     _positive,
     _validate_data,
     apply_overrides,
+    config_from_mapping,
     load_run_config,
     read_yaml_config,
 )
@@ -126,11 +126,7 @@ class TrainConfig(RunConfig):
 
 def config_from_dict(values: dict, source: str | None = None) -> TrainConfig:
     """A TrainConfig from a plain mapping (not yet validated)."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"a config must be a YAML mapping, got {type(values).__name__}")
-    cfg = _build(TrainConfig, values)
-    cfg.source = source
-    return cfg
+    return config_from_mapping(TrainConfig, values, source)
 
 
 def load_config(

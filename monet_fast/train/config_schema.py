@@ -333,6 +333,37 @@ def with_cli_flags(
     return extra
 
 
+def build_run_config(
+    cls: type[C],
+    config: str | Path | RunConfig | None,
+    overrides: list[str] | None,
+    load: typing.Callable[[str | Path | None, list[str]], C],
+    *,
+    output: str | Path | None = None,
+    max_steps: int | None = None,
+    init: str | Path | None = None,
+) -> C:
+    """What `train` and `rl` run: a `cls` object as given (validated; it takes no overrides or
+    flags), or `load(path, overrides + flags)` for a config file (None = defaults)."""
+    extra = with_cli_flags(overrides, output=output, max_steps=max_steps, init=init)
+    if isinstance(config, cls):
+        if extra:
+            raise ValueError(
+                f"pass overrides with a config path, or edit the {cls.__name__} object"
+            )
+        return config.validate()
+    return load(config, extra)
+
+
+def config_from_mapping(cls: type[C], values: Any, source: str | None = None) -> C:
+    """A `cls` from a plain mapping (not yet validated); `source` is the file it came from."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"a config must be a YAML mapping, got {type(values).__name__}")
+    cfg = _build(cls, values)
+    cfg.source = source
+    return cfg
+
+
 def load_run_config(
     cls: type[C],
     path: str | Path | None,
@@ -346,11 +377,7 @@ def load_run_config(
         values = apply_overrides(values, list(overrides or []))
         if adjust is not None:
             adjust(values, source)
-        if not isinstance(values, dict):
-            raise ConfigError(f"a config must be a YAML mapping, got {type(values).__name__}")
-        cfg = _build(cls, values)
-        cfg.source = source
-        return cfg.validate()
+        return config_from_mapping(cls, values, source).validate()
     except ConfigError as err:
         raise err.in_file(source) from None
 
@@ -541,6 +568,8 @@ __all__ = [
     "SchedulerSection",
     "TrainerBasics",
     "apply_overrides",
+    "build_run_config",
+    "config_from_mapping",
     "load_run_config",
     "read_yaml_config",
     "validate_adapters",

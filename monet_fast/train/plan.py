@@ -425,12 +425,12 @@ def resolve_model(spec: str) -> tuple[ModelDims, dict]:
 
 def _from_yaml(path: Path) -> tuple[ModelDims, dict]:
     """Dims and settings of a train (stages 1-3) or VLPO YAML config, validated by its loader."""
-    import yaml
+    from monet_fast.train.config_schema import read_yaml_config
 
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    is_vlpo = isinstance(raw, dict) and "vlpo" in raw
+    raw, _ = read_yaml_config(path)  # a mapping (ConfigError naming the file otherwise)
+    is_vlpo = "vlpo" in raw
     # A shipped config leaves model.init null (given by --init): plan needs only its dims.
-    init = (raw.get("model") or {}).get("init") if isinstance(raw, dict) else None
+    init = (raw.get("model") or {}).get("init")
     overrides = (
         []
         if init or (raw.get("model") or {}).get("tiny_seed") is not None
@@ -465,7 +465,7 @@ def _from_yaml(path: Path) -> tuple[ModelDims, dict]:
     )
     zero = cfg.deepspeed.zero_stage
     if zero is None and cfg.deepspeed.config:
-        ds_path = (path.parent / cfg.deepspeed.config).resolve()
+        ds_path = cfg.resolved_deepspeed_json()
         if ds_path.is_file():
             zopt = json.loads(ds_path.read_text()).get("zero_optimization", {})
             zero = zopt.get("stage")

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from monet_fast._compat import enable_activation_checkpointing
+from monet_fast._io import atomic_write_text
 from monet_fast.train import checkpoint as ckpt
 from monet_fast.train.config_schema import ConfigError, RunConfig
 from monet_fast.train.engine_setup import _barrier, seed_everything, setup_distributed
@@ -79,13 +80,13 @@ class RecipeBase:
         """Rank 0: the output directory and the resolved config.yaml in it."""
         if self.rank == 0:
             self.output.mkdir(parents=True, exist_ok=True)
-            (self.output / "config.yaml").write_text(self.cfg.dump(), encoding="utf-8")
+            atomic_write_text(self.output / "config.yaml", self.cfg.dump())
 
     def write_data_report(self) -> None:
         """Rank 0: data_report.json (rows read, skipped and why) of `self.data_report`."""
         if self.rank == 0:
-            (self.output / "data_report.json").write_text(
-                json.dumps(self.data_report.to_dict(), indent=2), encoding="utf-8"
+            atomic_write_text(
+                self.output / "data_report.json", json.dumps(self.data_report.to_dict(), indent=2)
             )
 
     # ---- the policy model ---------------------------------------------------------------------
@@ -149,8 +150,8 @@ class RecipeBase:
             # Every node writes the model states next to its own ZeRO shards (no shared disk).
             self.ds_config.setdefault("checkpoint", {})["use_node_local_storage"] = True
         if self.rank == 0:
-            (self.output / "deepspeed_config.json").write_text(
-                json.dumps(self.ds_config, indent=2), encoding="utf-8"
+            atomic_write_text(
+                self.output / "deepspeed_config.json", json.dumps(self.ds_config, indent=2)
             )
         _quiet_deepspeed()
         self.engine, _, _, _ = deepspeed.initialize(

@@ -35,15 +35,12 @@ def build_rl_config(
     init: str | Path | None = None,
 ) -> RLConfig:
     """Config file + overrides + the CLI's common flags (which win over the file)."""
-    from monet_fast.train.config_schema import with_cli_flags
+    from monet_fast.train.config_schema import build_run_config
     from monet_fast.train.vlpo_config import RLConfig, load_rl_config
 
-    extra = with_cli_flags(overrides, output=output, max_steps=max_steps, init=init)
-    if isinstance(config, RLConfig):
-        if extra:
-            raise ValueError("pass overrides with a config path, or edit the RLConfig object")
-        return config.validate()
-    return load_rl_config(config, extra)
+    return build_run_config(
+        RLConfig, config, overrides, load_rl_config, output=output, max_steps=max_steps, init=init
+    )
 
 
 def rl(

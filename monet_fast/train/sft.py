@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 from monet_fast.train import teacher as T
 from monet_fast.train.config import ConfigError, TrainConfig, load_config
-from monet_fast.train.config_schema import with_cli_flags
+from monet_fast.train.config_schema import build_run_config
 from monet_fast.train.data import apply_image_budget
 from monet_fast.train.loop import SFTRecipe, TrainResult, _barrier
 from monet_fast.train.recipe_base import run_cli
@@ -219,15 +219,19 @@ def build_config(
     init: str | Path | None = None,
 ) -> TrainConfig:
     """Config file + overrides + the CLI's common flags (which win over the file)."""
-    extra = with_cli_flags(overrides, output=output, max_steps=max_steps, init=init)
-    if isinstance(config, TrainConfig):
-        if extra:
-            raise ValueError("pass overrides with a config path, or edit the TrainConfig object")
-        cfg = config.validate()
-        if stage is not None and cfg.stage != stage:
-            raise ConfigError(f"stage {stage} requested, config has stage {cfg.stage}")
-        return cfg
-    return load_config(config, extra, stage=stage)
+    cfg = build_run_config(
+        TrainConfig,
+        config,
+        overrides,
+        lambda path, extra: load_config(path, extra, stage=stage),
+        output=output,
+        max_steps=max_steps,
+        init=init,
+    )
+    # A loaded file already agrees (load_config fills or checks the stage); a given object may not.
+    if stage is not None and cfg.stage != stage:
+        raise ConfigError(f"stage {stage} requested, config has stage {cfg.stage}")
+    return cfg
 
 
 def train(

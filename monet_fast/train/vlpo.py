@@ -322,6 +322,12 @@ class VLPORecipe(RecipeBase):
             for i in mine
         ]
 
+    @property
+    def decode_graphs(self) -> bool:
+        """CUDA-graph decoding for rollouts and eval: rollout.cuda_graphs, off under ZeRO-3
+        (whose full parameters exist only while gathered)."""
+        return self.cfg.rollout.cuda_graphs and self.zero_stage != 3
+
     def rollout_seed(self, step: int, call: int = 0) -> int:
         """Sampling seed of an RL step's rollout call on this rank (resume reproduces it)."""
         base = self.cfg.seed * 1_000_003 + step * 7919 + self.rank * 104_729
@@ -347,7 +353,7 @@ class VLPORecipe(RecipeBase):
                 batch_size=r.batch_size,
                 group_offset=call * self.local_prompts,
                 ban=self.ban,
-                use_cuda_graphs=r.cuda_graphs and self.zero_stage != 3,
+                use_cuda_graphs=self.decode_graphs,
                 max_latent_blocks=r.max_latent_blocks,
                 latent_layout=self.latent_layout,
             )
@@ -488,7 +494,7 @@ class VLPORecipe(RecipeBase):
                 latent_size=self.latent_size,
                 latent_layout=self.latent_layout,
                 ban=self.ban,
-                use_cuda_graphs=self.cfg.rollout.cuda_graphs and self.zero_stage != 3,
+                use_cuda_graphs=self.decode_graphs,
             )
 
     def cleanup(self) -> None:

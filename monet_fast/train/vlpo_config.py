@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from monet_fast.train.config_schema import (
+    ON_ERROR_MODES,
     ConfigError,
     DataSection,
     DeepSpeedSection,
@@ -23,9 +24,7 @@ from monet_fast.train.config_schema import (
     load_run_config,
 )
 from monet_fast.train.rewards import FORMAT_RULES
-from monet_fast.train.rollout import (
-    PAIRINGS,
-)
+from monet_fast.train.rollout import PAIRINGS
 
 REF_MODES: tuple[str, ...] = ("copy", "offload", "zero3", "none")
 KL_TYPES: tuple[str, ...] = ("low_var_kl",)
@@ -183,7 +182,7 @@ def _validate_rl_data(d: RLDataSection, key: str) -> None:
     if d.kind == "prompts":
         if not d.path:
             raise ConfigError(f"{key}.kind is prompts but {key}.path is not set (a .jsonl/.json)")
-        _one_of(f"{key}.on_error", d.on_error, ("raise", "skip"))
+        _one_of(f"{key}.on_error", d.on_error, ON_ERROR_MODES)
         _positive(f"{key}.limit", d.limit)
     else:
         _one_of(f"{key}.kind", d.kind, RL_DATA_KINDS)
