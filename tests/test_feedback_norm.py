@@ -199,3 +199,43 @@ def test_feedback_norm_survives_save_and_load(tmp_path):
     loaded, _ = load_pretrained(tmp_path / "m")
     assert get_latent_config(loaded).feedback_norm == "match_embeddings"
     assert FeedbackNorm.for_model(loaded).active
+
+
+@pytest.mark.slow
+def test_target_norm_is_read_from_the_whole_table_under_zero3(tmp_path):
+    """ZeRO-3 partitions the embedding table (an empty local tensor outside its forward): the
+    target must be the gathered table's mean row norm, as under ZeRO-2, not 0 (which would zero
+    every fed-back latent of a stage-2/3 run)."""
+    from pathlib import Path
+
+    from monet_fast.train.sft import RECIPES, build_config
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+    norms = {}
+    for zero in (2, 3):
+        cfg = build_config(
+            2,
+            tiny / "stage2.yaml",
+            [
+                "data.n=4",
+                "model.latent_size=4",
+                "logging.progress=false",
+                "trainer.micro_batch_size=2",
+                "trainer.grad_accum=2",
+                "trainer.export=false",
+                "teacher.mode=online",
+                f"deepspeed.zero_stage={zero}",
+                "model.feedback_norm=match_embeddings",
+            ],
+            output=tmp_path / f"zero{zero}",
+            max_steps=1,
+        )
+        recipe = RECIPES[2](cfg)
+        try:
+            recipe.setup()
+            module = getattr(recipe.model, "module", recipe.model)
+            norms[zero] = float(FeedbackNorm.for_model(module).target)
+        finally:
+            recipe.cleanup()
+    assert norms[2] > 0
+    assert norms[3] == pytest.approx(norms[2], rel=1e-6)

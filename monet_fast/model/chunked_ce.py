@@ -28,7 +28,12 @@ from torch import nn
 
 
 def _chunk_logits(h, weight, temperature, ban_ids):
-    logits = F.linear(h, weight).float()
+    return _scaled(F.linear(h, weight), temperature, ban_ids)
+
+
+def _scaled(logits, temperature, ban_ids):
+    """fp32 logits / T with banned columns at -inf: the one rule both paths apply."""
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     if ban_ids is not None and ban_ids.numel():
@@ -132,11 +137,7 @@ def head_cross_entropy(
     """
     plain = not chunk_size or type(head) is not nn.Linear or head.bias is not None
     if plain:
-        logits = head(hidden).float()
-        if temperature != 1.0:
-            logits = logits / temperature
-        if ban_ids is not None and ban_ids.numel():
-            logits = logits.index_fill(-1, ban_ids, float("-inf"))
+        logits = _scaled(head(hidden), temperature, ban_ids)
         return F.cross_entropy(logits, targets.long(), reduction="none")
 
     def forward(h):

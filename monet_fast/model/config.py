@@ -36,6 +36,13 @@ _FIELDS: tuple[str, ...] = (
 FEEDBACK_NORMS: tuple[str, ...] = ("none", "match_embeddings")
 
 
+def check_feedback_norm(value: Any, where: str = "feedback_norm") -> str:
+    """`value` if it names a feedback normalisation, else a ValueError naming the allowed ones."""
+    if value not in FEEDBACK_NORMS:
+        raise ValueError(f"{where} must be one of {list(FEEDBACK_NORMS)}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class LatentConfig:
     """Latent settings of a Monet model.
@@ -67,10 +74,7 @@ class LatentConfig:
             raise ValueError(
                 f"latent_layout must be one of {list(LATENT_LAYOUTS)}, got {self.latent_layout!r}"
             )
-        if self.feedback_norm not in FEEDBACK_NORMS:
-            raise ValueError(
-                f"feedback_norm must be one of {list(FEEDBACK_NORMS)}, got {self.feedback_norm!r}"
-            )
+        check_feedback_norm(self.feedback_norm)
         for name in ("latent_token_id", "latent_start_id", "latent_end_id"):
             value = getattr(self, name)
             if value is None:

@@ -17,21 +17,17 @@ batched training forward, the decoder and the VLPO replay all apply the same rul
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
-from .config import FEEDBACK_NORMS, get_latent_config
+from monet_fast._optional import require
+
+from .config import FEEDBACK_NORMS, check_feedback_norm, get_latent_config
 
 # A hidden state with a smaller norm has no direction to keep: it is left unscaled (not blown up).
 _EPS = 1e-6
-
-
-def check_feedback_norm(value: Any, where: str = "feedback_norm") -> str:
-    """`value` if it names a feedback normalisation, else a ValueError naming the allowed ones."""
-    if value not in FEEDBACK_NORMS:
-        raise ValueError(f"{where} must be one of {list(FEEDBACK_NORMS)}, got {value!r}")
-    return value
 
 
 @torch.no_grad()
@@ -39,7 +35,15 @@ def embedding_norm(model: Any) -> torch.Tensor:
     """Mean L2 norm of the rows of `model`'s input-embedding table: a float32 0-d tensor on the
     table's device (the "typical input-embedding norm")."""
     weight = model.get_input_embeddings().weight
-    return weight.detach().float().norm(dim=-1).mean()
+    gathered = contextlib.nullcontext()
+    if hasattr(weight, "ds_id"):
+        # DeepSpeed ZeRO-3: outside the embedding's own forward the table is partitioned (an
+        # empty local tensor, whose "norm" would be 0 and zero every fed-back latent). Gather it
+        # to read it; every rank runs the forward, so the collective lines up.
+        deepspeed = require("deepspeed", "latent.feedback_norm under ZeRO-3")
+        gathered = deepspeed.zero.GatheredParameters([weight], modifier_rank=None)
+    with gathered:
+        return weight.detach().float().norm(dim=-1).mean()
 
 
 def rescale(hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -319,7 +319,9 @@ def latent_forward(
     state_chunks: list[tuple[torch.Tensor, ...]] = []
 
     cache = DynamicCache(config=lm.config)
-    feedback = FeedbackNorm.for_model(model)  # latent.feedback_norm, target read once
+    # latent.feedback_norm, target read once; replayed latents (override) were recorded after
+    # the rule, so a forward given `latents` never applies it and skips reading the table.
+    feedback = FeedbackNorm.for_model(model) if latents is None else None
     cache_kw = cache_kwarg(lm)
     gate_state = {"closed": False}
     step_inputs: list[torch.Tensor] = []  # gated latent inputs, one [B, H] per slot step

@@ -1,13 +1,13 @@
 """Load and save Monet / Qwen2.5-VL / Qwen3-VL checkpoints from local directories.
 
 `load_pretrained` accepts our own saves, the released Qwen2.5-VL-7B / Monet-7B directory
-layouts and Qwen3-VL directories (any `model_type` with an adapter in `monet_fast.model.arch`). It checks the directory up front, so a missing or truncated file is reported by name
-instead of surfacing as a deep transformers or safetensors error, then loads the stock
-class of the architecture (`Qwen2_5_VLForConditionalGeneration`, `Qwen3VLForConditionalGeneration`;
-so plain transformers can load what we save), adds
-Monet's tokens (idempotent), makes sure the embedding table holds every id (never shrinking it:
-Qwen2.5-VL-7B's 152,064 rows already cover Monet's ids, as in the reference), and applies the
-latent config. Nothing is downloaded.
+layouts and Qwen3-VL directories (any `model_type` with an adapter in `monet_fast.model.arch`).
+It checks the directory up front, so a missing or truncated file is reported by name instead of
+surfacing as a deep transformers or safetensors error, then loads the stock class of the
+architecture (`Qwen2_5_VLForConditionalGeneration`, `Qwen3VLForConditionalGeneration`; so plain
+transformers can load what we save), adds Monet's tokens (idempotent), makes sure the embedding
+table holds every id (never shrinking it: Qwen2.5-VL-7B's 152,064 rows already cover Monet's
+ids, as in the reference), and applies the latent config. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -121,8 +121,9 @@ def load_pretrained(
         latent_size, latent_layout: override the saved latent config (K and layout).
         min_pixels, max_pixels: override the image budget of preprocessor_config.json (the
             stock Qwen2.5-VL-7B allows up to 12.8 M pixels, i.e. 16,384 tokens per image).
-        quantize: "4bit" | "8bit" loads the weights quantized by bitsandbytes (QLoRA; CUDA only,
-            placed on `device` or cuda:0 at load; see `monet_fast.model.quantize.quantization_config`).
+        quantize: "4bit" | "8bit" loads the weights quantized by bitsandbytes (QLoRA; CUDA
+            only, placed on `device` or cuda:0 at load; see
+            `monet_fast.model.quantize.quantization_config`).
 
     Returns the stock model class of the directory's model_type (e.g.
     `Qwen2_5_VLForConditionalGeneration`) in eval mode and a MonetProcessor

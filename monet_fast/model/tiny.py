@@ -51,8 +51,6 @@ VOCAB_MULTIPLE = 64
 # Image budget in LLM tokens (4..64); in pixels it scales with the architecture's patch size
 # (Qwen2.5-VL: 28 x 28 pixels per token, Qwen3-VL: 32 x 32).
 TINY_MIN_TOKENS, TINY_MAX_TOKENS = 4, 64
-TINY_MIN_PIXELS = 28 * 28 * TINY_MIN_TOKENS
-TINY_MAX_PIXELS = 28 * 28 * TINY_MAX_TOKENS
 
 _CHAT_WORDS = (
     "you are a an the helpful assistant user system is are was be can could would should will "
@@ -285,8 +283,7 @@ def tiny_config(
         else:
             raise ValueError(
                 f"unknown tiny_config override {key!r}; use a {adapter.display_name} text-config "
-                "field, "
-                f"one of {sorted(top)}, or text_config= / vision_config= dicts"
+                f"field, one of {sorted(top)}, or text_config= / vision_config= dicts"
             )
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     if "head_dim" in text_fields:
@@ -422,7 +419,7 @@ def geometry_arch(geometry: str) -> str:
     """The architecture (`monet_fast.model.arch` model type) of a `GEOMETRIES` entry."""
     if geometry not in GEOMETRIES:
         raise ValueError(f"geometry must be one of {sorted(GEOMETRIES)}, got {geometry!r}")
-    return GEOMETRIES[geometry].get("arch", "qwen2_5_vl")
+    return GEOMETRIES[geometry].get("arch", DEFAULT_ARCH)
 
 
 def tiny_model(

@@ -105,10 +105,10 @@ class ArchAdapter:
         raise NotImplementedError
 
     def config_class(self) -> type:
-        raise NotImplementedError
+        return self.model_class().config_class  # the HF model class names its config class
 
     def text_config_class(self) -> type:
-        raise NotImplementedError
+        return self.config_class().sub_configs["text_config"]
 
     # ---------------------------------------------------------- module access
 

@@ -35,16 +35,6 @@ class Qwen25VL(ArchAdapter):
 
         return Qwen2_5_VLForConditionalGeneration
 
-    def config_class(self) -> type:
-        from transformers import Qwen2_5_VLConfig
-
-        return Qwen2_5_VLConfig
-
-    def text_config_class(self) -> type:
-        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
-
-        return Qwen2_5_VLTextConfig
-
     def image_features(
         self, model: Any, pixel_values: torch.Tensor, grid_thw: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:

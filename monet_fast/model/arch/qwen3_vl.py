@@ -164,16 +164,6 @@ class Qwen3VL(ArchAdapter):
 
         return Qwen3VLForConditionalGeneration
 
-    def config_class(self) -> type:
-        from transformers import Qwen3VLConfig
-
-        return Qwen3VLConfig
-
-    def text_config_class(self) -> type:
-        from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
-
-        return Qwen3VLTextConfig
-
     def image_features(
         self, model: Any, pixel_values: torch.Tensor, grid_thw: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
