@@ -25,13 +25,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from monet_fast.data.validation import ON_ERROR_MODES
 from monet_fast.model.feedback import FEEDBACK_NORMS
 from monet_fast.model.lora import DEFAULT_TARGET_MODULES
 from monet_fast.model.quantize import QUANTIZE_MODES
 
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
 DATA_KINDS: tuple[str, ...] = ("synthetic", "monet_sft")
-ON_ERROR_MODES: tuple[str, ...] = ("raise", "skip")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 SCHEDULERS: tuple[str, ...] = ("linear", "cosine", "constant")
 ZERO_STAGES: tuple[int, ...] = (0, 1, 2, 3)
